@@ -1,0 +1,135 @@
+"""Ulysses sequence-parallel attention around any local kernel.
+
+Each rank holds a contiguous slice of the tokens with all heads; one exchange gives each rank
+all tokens for 1/P of the heads, the local kernel runs, and a second exchange returns the
+output to the token layout. Slices may be uneven: the exchanges use split sizes, never padding,
+so the result is single-device attention on the whole sequence.
+
+Wire layouts (P ranks, this rank holds S_r tokens, Hp = H / P heads per rank, row = D values,
+or D + 4 bytes with fp8):
+- in:  send [P, S_r, m, B, Hp, row]  (chunk j: head group j of my tokens; m = 3 fused q|k|v, else 1)
+       recv [S, m, B, Hp, row]       (token-major, so the chunks of all sources concatenate into
+                                      the whole sequence without a reordering copy)
+- out: send [S, B, Hp, row] (chunk j: tokens of rank j) -> recv [P, S_r, B, Hp, row] (chunk i: heads i)
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.collectives import A2A_METHODS, exchange
+from ..distributed.comm_quant import dequantize, packed_row_bytes, quantize_into
+from ..distributed.mesh import valid_layouts
+from .backends import attention
+
+COMM_DTYPES = (None, "fp8")
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return out
+
+
+def _check(q, k, v, size, rank, seq_sizes, a2a, comm_dtype):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"ulysses_attention expects q, k, v of one shape [B, S_local, H, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    heads = q.shape[2]
+    if heads % size:
+        world = dist.get_world_size()
+        raise ValueError(f"{heads} attention heads cannot be split over a Ulysses group of {size}; "
+                         f"layouts that work on {world} ranks: {', '.join(valid_layouts(world, heads)) or 'none'}")
+    if a2a not in A2A_METHODS:
+        raise ValueError(f"a2a={a2a!r} is not one of {list(A2A_METHODS)}")
+    if comm_dtype not in COMM_DTYPES:
+        raise ValueError(f"comm_dtype={comm_dtype!r} is not one of {list(COMM_DTYPES)}")
+    if len(seq_sizes) != size or seq_sizes[rank] != q.shape[1]:
+        raise ValueError(f"seq_sizes={list(seq_sizes)} does not describe a group of {size} where rank {rank} "
+                         f"holds {q.shape[1]} tokens")
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None,
+                      seq_sizes: list[int] | None = None, a2a: str = "all_to_all", fuse_qkv: bool = True,
+                      comm_dtype: str | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention over the whole sequence, each rank passing its slice: [B, S_local, H, D] -> same."""
+    size = 1 if group is None else dist.get_world_size(group)
+    if size == 1:
+        return attention(q, k, v, backend)
+    rank = dist.get_rank(group)
+    seq_sizes = list(seq_sizes) if seq_sizes is not None else [q.shape[1]] * size
+    _check(q, k, v, size, rank, seq_sizes, a2a, comm_dtype)
+
+    groups = [(q, k, v)] if fuse_qkv else [(q,), (k,), (v,)]
+    full = [t for g in groups for t in _scatter_heads(g, group, size, seq_sizes, a2a, comm_dtype)]
+    # [B, S, Hp, D] each: the local kernel sees the whole sequence for its heads
+    out = attention(*full, backend=backend)
+    return _gather_heads(out, group, size, rank, seq_sizes, a2a, comm_dtype)
+
+
+def _scatter_heads(tensors, group, size, seq_sizes, a2a, comm_dtype):
+    b, s_local, h, d = tensors[0].shape
+    hp, m, total = h // size, len(tensors), sum(seq_sizes)
+    fp8 = comm_dtype == "fp8"
+    row = packed_row_bytes(d) if fp8 else d
+    wire = torch.uint8 if fp8 else tensors[0].dtype
+    dev = tensors[0].device
+    send = torch.empty((size, s_local, m, b, hp, row), dtype=wire, device=dev)
+    recv = torch.empty((total, m, b, hp, row), dtype=wire, device=dev)
+    split = [t.view(b, s_local, size, hp, d) for t in tensors]
+
+    def pack(j: int) -> None:
+        for i, t in enumerate(split):
+            piece = t[:, :, j].transpose(0, 1)  # [S_r, B, Hp, D], head group j
+            if fp8:
+                quantize_into(piece, send[j, :, i])
+            else:
+                send[j, :, i].copy_(piece)
+
+    decoded, unpack = recv, None
+    if fp8:
+        decoded = torch.empty((total, m, b, hp, d), dtype=tensors[0].dtype, device=dev)
+        offs = _offsets(seq_sizes)
+
+        def unpack(i: int) -> None:
+            rows = slice(offs[i], offs[i] + seq_sizes[i])
+            decoded[rows] = dequantize(recv[rows], decoded.dtype)
+
+    # [P * S_r, m, B, Hp, row] (chunk j -> rank j) -> exchange -> [S, m, B, Hp, row] (all tokens, my heads)
+    exchange(send.view(size * s_local, m, b, hp, row), recv, [s_local] * size, seq_sizes, group, a2a, pack, unpack)
+    return [decoded[:, i].permute(1, 0, 2, 3) for i in range(m)]  # [B, S, Hp, D] views
+
+
+def _gather_heads(out, group, size, rank, seq_sizes, a2a, comm_dtype):
+    b, total, hp, d = out.shape
+    s_local = seq_sizes[rank]
+    fp8 = comm_dtype == "fp8"
+    row = packed_row_bytes(d) if fp8 else d
+    wire = torch.uint8 if fp8 else out.dtype
+    send = torch.empty((total, b, hp, row), dtype=wire, device=out.device)
+    recv = torch.empty((size, s_local, b, hp, row), dtype=wire, device=out.device)
+    offs = _offsets(seq_sizes)
+
+    def pack(j: int) -> None:
+        rows = slice(offs[j], offs[j] + seq_sizes[j])
+        piece = out[:, rows].transpose(0, 1)  # [S_j, B, Hp, D]: rank j's tokens
+        if fp8:
+            quantize_into(piece, send[rows])
+        else:
+            send[rows].copy_(piece)
+
+    decoded, unpack = recv, None
+    if fp8:
+        decoded = torch.empty((size, s_local, b, hp, d), dtype=out.dtype, device=out.device)
+
+        def unpack(i: int) -> None:
+            decoded[i] = dequantize(recv[i], decoded.dtype)
+
+    # [S, B, Hp, row] (chunk j: tokens of rank j) -> exchange -> [P * S_r, B, Hp, row] (chunk i: head group i)
+    exchange(send, recv.view(size * s_local, b, hp, row), seq_sizes, [s_local] * size, group, a2a, pack, unpack)
+    # [P, S_r, B, Hp, D] -> [B, S_r, P * Hp, D]
+    return decoded.permute(2, 1, 0, 3, 4).reshape(b, s_local, size * hp, d)

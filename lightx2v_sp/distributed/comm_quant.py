@@ -1,0 +1,54 @@
+"""FP8 (e4m3) codec for the wire: one fp32 scale per row of D values, packed with the payload.
+
+A packed row is D payload bytes followed by the 4 bytes of its scale, so a block of rows is one
+contiguous uint8 buffer and FP8 needs no second collective for the scales. Bytes per row:
+D + 4 instead of 2 D (bf16), 0.516 of bf16 at D = 128.
+
+Error bound: e4m3 keeps 3 mantissa bits, so every decoded value x' of a row with max |x| = amax
+satisfies |x' - x| <= amax / 16 (round-to-nearest: half a step of 2^-3 relative at the top of
+the range, and finer steps below it; subnormals are spaced amax / 448 / 512 apart).
+
+Special values, deliberately:
+- a zero row gets scale 1 and decodes to exact zeros;
+- a row holding NaN or +-inf decodes to all NaN (e4m3fn has no infinity, and torch's cast would
+  saturate inf to 448: a silent finite value). NaN is never turned into zeros;
+- huge finite values (up to the fp32 maximum) are scaled into range, not clipped.
+"""
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SCALE_BYTES = 4
+
+
+def packed_row_bytes(dim: int) -> int:
+    return dim + SCALE_BYTES
+
+
+def quantize_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Quantize `x` [..., D] into `out` uint8 [..., D + 4] (a view into a wire buffer is fine)."""
+    d = x.shape[-1]
+    assert out.shape[-1] == d + SCALE_BYTES and out.dtype == torch.uint8, (out.shape, out.dtype)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = (amax / FP8_MAX).masked_fill_(amax == 0, 1.0)
+    scale = scale.nan_to_num_(nan=float("nan"), posinf=float("nan"))
+    payload = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    out[..., :d].copy_(payload.view(torch.uint8))
+    out[..., d:].copy_(scale.view(torch.uint8).reshape(*scale.shape[:-1], SCALE_BYTES))
+    return out
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty((*x.shape[:-1], packed_row_bytes(x.shape[-1])), dtype=torch.uint8, device=x.device)
+    return quantize_into(x, out)
+
+
+def dequantize(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [..., D + 4] -> `dtype` [..., D]."""
+    d = packed.shape[-1] - SCALE_BYTES
+    payload = packed[..., :d].view(FP8_DTYPE)
+    scale = packed[..., d:].contiguous().view(torch.float32)
+    return (payload.float() * scale).to(dtype)

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lightx2v_sp",
+    version="0.1.0",
+    description="Wan2.1 video diffusion on several GPUs with Ulysses sequence parallelism",
+    packages=find_packages(include=["lightx2v_sp", "lightx2v_sp.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately a range: CI installs the CPU build (torch==2.13.0) first, and a
+    # range it satisfies installs nothing more (a bare `torch` would pull a multi-GB CUDA build).
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.33",
+        "transformers>=4.50",
+        "omegaconf>=2.3",
+        "einops",
+        "safetensors",
+        "imageio",
+        "imageio-ffmpeg",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "sentencepiece", "tokenizers"],
+        "flash": ["flash-attn>=2.5"],
+        "dev": ["pytest>=7", "sentencepiece", "tokenizers", "matplotlib", "ruff"],
+    },
+)

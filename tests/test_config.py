@@ -1,0 +1,99 @@
+import glob
+import os
+
+import pytest
+
+from lightx2v_sp.config import RunConfig, _leaf_fields, describe, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def test_there_are_configs():
+    assert any(p.endswith("wan_t2v_tiny.yaml") for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.parallel.ulysses_degree >= 1
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["sample.steps=3", "parallel.fuse_qkv=false", "parallel.comm_dtype=fp8",
+                             "sample.guidance_scale=7", "model.path=/ckpt"])
+    assert cfg.sample.steps == 3 and cfg.parallel.fuse_qkv is False
+    assert cfg.parallel.comm_dtype == "fp8" and cfg.sample.guidance_scale == 7.0
+    assert cfg.model.path == "/ckpt"
+
+
+def test_defaults_are_the_fast_path():
+    cfg = load_config(None)
+    assert cfg.parallel.fuse_qkv is True and cfg.parallel.a2a == "all_to_all"
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("parallel.ulyses_degree=2", "did you mean parallel.ulysses_degree?"),
+    ("ulysses_degree=2", "did you mean parallel.ulysses_degree?"),
+    ("sample.stpes=2", "did you mean sample.steps?"),
+    ("paralel.a2a=round_robin", "did you mean parallel"),
+])
+def test_typos_name_the_closest_key(override, hint):
+    with pytest.raises(ValueError, match="unknown config key") as err:
+        load_config(None, [override])
+    assert hint in str(err.value)
+
+
+def test_typo_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("parallel:\n  ulysses_degre: 2\n")
+    with pytest.raises(ValueError, match=r"did you mean parallel\.ulysses_degree\?"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("sample.steps=many", "sample.steps", "int"),
+    ("parallel.fuse_qkv=maybe", "parallel.fuse_qkv", "bool"),
+    ("seed=1.5", "seed", "int"),
+])
+def test_wrong_type_names_key_and_type(override, key, expected):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert f"'{key}'" in msg and f"expects {expected}" in msg
+    assert "\n" not in msg  # one clear line
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("parallel.a2a=ring", "not one of ['all_to_all', 'round_robin']"),
+    ("parallel.comm_dtype=fp4", "not one of [None, 'fp8']"),
+    ("parallel.cfg_degree=3", "not one of [1, 2]"),
+    ("sample.num_frames=80", "must be 4k+1"),
+    ("sample.height=100", "multiples of 16"),
+    ("sample.steps=0", "must be >= 1"),
+])
+def test_bad_values(override, fragment):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+
+
+def test_cfg_parallel_without_guidance_is_rejected():
+    with pytest.raises(ValueError, match="cfg_degree=2 needs classifier-free guidance"):
+        load_config(None, ["parallel.cfg_degree=2", "sample.guidance_scale=1.0"])
+
+
+def test_missing_file_and_bad_override_syntax():
+    with pytest.raises(ValueError, match="config file not found"):
+        load_config("/nonexistent.yaml")
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["sample.steps"])
+
+
+def test_every_field_is_documented():
+    docs = list(_leaf_fields(RunConfig))
+    assert len(docs) > 20
+    for key, f in docs:
+        assert f.metadata.get("doc"), f"{key} has no doc"
+    assert "parallel.comm_dtype" in describe()
