@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.collectives import A2A_METHODS, exchange
-from ..distributed.comm_quant import dequantize, packed_row_bytes, quantize_into
+from ..distributed.comm_quant import dequantize_into, packed_row_bytes, quantize_into
 from ..distributed.mesh import valid_layouts
 from .backends import attention
 
@@ -97,7 +97,7 @@ def _scatter_heads(tensors, group, size, seq_sizes, a2a, comm_dtype):
 
         def unpack(i: int) -> None:
             rows = slice(offs[i], offs[i] + seq_sizes[i])
-            decoded[rows] = dequantize(recv[rows], decoded.dtype)
+            dequantize_into(recv[rows], decoded[rows])
 
     # [P * S_r, m, B, Hp, row] (chunk j -> rank j) -> exchange -> [S, m, B, Hp, row] (all tokens, my heads)
     exchange(send.view(size * s_local, m, b, hp, row), recv, [s_local] * size, seq_sizes, group, a2a, pack, unpack)
@@ -127,7 +127,7 @@ def _gather_heads(out, group, size, rank, seq_sizes, a2a, comm_dtype):
         decoded = torch.empty((size, s_local, b, hp, d), dtype=out.dtype, device=out.device)
 
         def unpack(i: int) -> None:
-            decoded[i] = dequantize(recv[i], decoded.dtype)
+            dequantize_into(recv[i], decoded[i])
 
     # [S, B, Hp, row] (chunk j: tokens of rank j) -> exchange -> [P * S_r, B, Hp, row] (chunk i: head group i)
     exchange(send, recv.view(size * s_local, b, hp, row), seq_sizes, [s_local] * size, group, a2a, pack, unpack)

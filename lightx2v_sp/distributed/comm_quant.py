@@ -27,10 +27,37 @@ def packed_row_bytes(dim: int) -> int:
     return dim + SCALE_BYTES
 
 
-def quantize_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Quantize `x` [..., D] into `out` uint8 [..., D + 4] (a view into a wire buffer is fine)."""
+_fused_module = None
+
+
+def _fused(x: torch.Tensor, out: torch.Tensor, impl: str):
+    """The Triton kernels for CUDA tensors they can take, else None (torch path)."""
+    global _fused_module
+    if impl == "torch" or not x.is_cuda:
+        return None
+    if _fused_module is None:
+        try:
+            from . import comm_quant_triton as module
+        except ImportError:
+            module = False
+        _fused_module = module
+    if _fused_module and _fused_module.supported(x, out):
+        return _fused_module
+    if impl == "triton":
+        raise ValueError(f"the Triton FP8 kernels cannot take {tuple(x.shape)} {x.dtype} on {x.device}")
+    return None
+
+
+def quantize_into(x: torch.Tensor, out: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Quantize `x` [..., D] into `out` uint8 [..., D + 4] (a view into a wire buffer is fine).
+
+    impl: "auto" (fused Triton kernel on CUDA, torch otherwise), "torch" or "triton".
+    """
     d = x.shape[-1]
     assert out.shape[-1] == d + SCALE_BYTES and out.dtype == torch.uint8, (out.shape, out.dtype)
+    fused = _fused(x, out, impl)
+    if fused is not None:
+        return fused.quantize_into(x, out)
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = (amax / FP8_MAX).masked_fill_(amax == 0, 1.0)
@@ -46,9 +73,20 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return quantize_into(x, out)
 
 
-def dequantize(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [..., D + 4] -> `dtype` [..., D]."""
+def dequantize_into(packed: torch.Tensor, out: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """uint8 [..., D + 4] -> `out` [..., D] (any float dtype; a view is fine)."""
     d = packed.shape[-1] - SCALE_BYTES
+    assert out.shape[-1] == d and packed.dtype == torch.uint8, (packed.shape, out.shape)
+    fused = _fused(packed, out, impl)
+    if fused is not None:
+        return fused.dequantize_into(packed, out)
     payload = packed[..., :d].view(FP8_DTYPE)
     scale = packed[..., d:].contiguous().view(torch.float32)
-    return (payload.float() * scale).to(dtype)
+    out.copy_(payload.float() * scale)
+    return out
+
+
+def dequantize(packed: torch.Tensor, dtype: torch.dtype, impl: str = "auto") -> torch.Tensor:
+    """uint8 [..., D + 4] -> `dtype` [..., D]."""
+    out = torch.empty((*packed.shape[:-1], packed.shape[-1] - SCALE_BYTES), dtype=dtype, device=packed.device)
+    return dequantize_into(packed, out, impl)

@@ -1,0 +1,49 @@
+"""GPU-only checks of the fused FP8 kernels and the local attention backends (skipped without CUDA)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightx2v_sp.attention import attention, available_backends, ulysses_attention
+from lightx2v_sp.distributed.comm_quant import dequantize_into, packed_row_bytes, quantize_into
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128])
+def test_triton_codec_matches_torch_bytes(dtype, d):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(37, 2, 3 * 5, d, device="cuda", generator=g).to(dtype)
+    x[0, 0, 0] = 0
+    x[1, 0, 1, 3] = float("nan")
+    x[2, 1, 2, 7] = float("inf")
+    x[3] *= 1e4
+    piece = x.view(37, 2, 3, 5, d)[:, :, 1].transpose(0, 1)  # strided like a Ulysses head group
+    out_t = torch.full((2, 37, 5, packed_row_bytes(d)), 7, dtype=torch.uint8, device="cuda")
+    out_k = out_t.clone()
+    quantize_into(piece, out_t, impl="torch")
+    quantize_into(piece, out_k, impl="triton")
+    same = (out_t == out_k).all(-1)
+    # identical bytes, except payload bytes of NaN rows, where NaN encodings may differ
+    nan_rows = piece.float().isnan().any(-1) | piece.float().isinf().any(-1)
+    assert same[~nan_rows].all()
+    dec_t = torch.empty(2, 37, 5, d, dtype=dtype, device="cuda")
+    dec_k = torch.full_like(dec_t, 123.0)
+    dequantize_into(out_t, dec_t, impl="torch")
+    dequantize_into(out_t, dec_k, impl="triton")
+    assert torch.equal(dec_t[~nan_rows], dec_k[~nan_rows])
+    assert dec_k[nan_rows].isnan().all()
+
+
+def test_backends_agree_with_sdpa_math():
+    q, k, v = (torch.randn(2, 300, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    for name in ["auto"] + available_backends():
+        out = attention(q, k, v, backend=name)
+        rel = (out.float() - ref).norm() / ref.norm()
+        assert rel < 1e-2, (name, rel.item())  # bf16 operands: 1e-3 .. 1e-2 relative
+
+
+def test_single_rank_ulysses_is_the_local_kernel():
+    q, k, v = (torch.randn(1, 256, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert torch.equal(ulysses_attention(q, k, v, group=None), attention(q, k, v))
