@@ -55,7 +55,8 @@ class ParallelConfig:
 
 @dataclass
 class AttentionConfig:
-    backend: str = _f("auto", "local attention kernel", ["auto", "sdpa", "flash_attn", "sage"])
+    backend: str = _f("auto", "local attention kernel (sdpa_* pin one of PyTorch's SDPA implementations)",
+                      ["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn", "sage"])
 
 
 @dataclass

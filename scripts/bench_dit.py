@@ -138,6 +138,18 @@ def profile(fn, device: torch.device, top: int = 20) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70))
 
 
+def forward_flops(cfg: WanConfig, tokens: int, text_tokens: int, seq: int) -> float:
+    """Multiply-adds x 2 of one forward: projections, FFN, self- and cross-attention (per layer)."""
+    d, f = cfg.dim, cfg.ffn_dim
+    per_layer = (2 * tokens * d * d * 4          # self-attention q, k, v, o
+                 + 4 * tokens * seq * d           # self-attention scores and weighted sum
+                 + 2 * tokens * d * d * 2         # cross-attention q, o
+                 + 2 * text_tokens * d * d * 2    # cross-attention k, v on the text
+                 + 4 * tokens * (text_tokens // max(1, tokens // seq)) * d  # cross-attention scores + sum
+                 + 2 * tokens * d * f * 2)        # FFN
+    return float(per_layer * cfg.num_layers)
+
+
 def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -158,6 +170,7 @@ def main(argv=None) -> None:
     ap.add_argument("--fp32-ref", action="store_true",
                     help="also run our model in fp32 once and report each model's error against it")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one forward of our model")
+    ap.add_argument("--compile", action="store_true", help="also time our model with torch.compile'd blocks")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -191,6 +204,11 @@ def main(argv=None) -> None:
     rows.append(("lightx2v_sp WanModel", param_bytes(ours), res_ours))
     if args.profile:
         profile(lambda: ours(x, t, ctx), device)
+    if args.compile:
+        for block in ours.blocks:  # identical blocks share one compiled graph (parameters are inputs)
+            block.compile(dynamic=False)
+        res_comp = measure(lambda: ours(x, t, ctx), device, args.warmup + 1, args.iters, ptrs)
+        rows.append(("lightx2v_sp WanModel + torch.compile(blocks)", param_bytes(ours), res_comp))
     ref = None
     if args.fp32_ref and dtype != torch.float32:
         ours.to("cpu")
@@ -207,13 +225,16 @@ def main(argv=None) -> None:
           f"{args.dtype or str(dtype).split('.')[-1]}, {where}, torch {torch.__version__}, "
           f"warmup {args.warmup}, iters {args.iters}\n")
     extra = " rel. L2 error vs fp32 |" if ref is not None else ""
-    print("| model | forward ms (median) | min ms | speedup | weights MiB | peak activations MiB |" + extra)
-    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if extra else ""))
+    flops = forward_flops(cfg, tokens * args.batch, args.text_len * args.batch, tokens)
+    print(f"model FLOPs per forward (matrix products and attention): {flops / 1e12:.1f} TFLOP\n")
+    print("| model | forward ms (median) | min ms | time vs diffusers | speedup | TFLOP/s | weights MiB | "
+          "peak activations MiB |" + extra)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if extra else ""))
     base = rows[0][2]["median"]
     for name, wbytes, r in rows:
         err = f" {((r['out'] - ref).norm() / ref.norm()).item():.3g} |" if ref is not None else ""
-        print(f"| {name} | {r['median']:.2f} | {r['min']:.2f} | {base / r['median']:.2f}x | "
-              f"{wbytes / 2**20:.1f} | {r['peak'] / 2**20:.1f} |" + err)
+        print(f"| {name} | {r['median']:.2f} | {r['min']:.2f} | {r['median'] / base:.3f} | {base / r['median']:.2f}x | "
+              f"{flops / (r['median'] / 1e3) / 1e12:.0f} | {wbytes / 2**20:.1f} | {r['peak'] / 2**20:.1f} |" + err)
     diff = (res_ours["out"] - res_theirs["out"])
     rel = diff.norm() / res_theirs["out"].norm()
     print(f"\noutputs: max |ours - diffusers| = {diff.abs().max().item():.3g}, relative L2 = {rel.item():.3g}")

@@ -40,6 +40,29 @@ def _sdpa(q, k, v):
 register_backend("sdpa", _sdpa)
 
 
+def _sdpa_pinned(backend):
+    """SDPA restricted to one of PyTorch's implementations (for benchmarks and explicit choice)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def kernel(q, k, v):
+        with sdpa_kernel([backend]):
+            return _sdpa(q, k, v)
+    return kernel
+
+
+def _register_sdpa_variants() -> None:
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:  # older torch: plain sdpa only
+        return
+    for name, member, supports in (("sdpa_cudnn", "CUDNN_ATTENTION", lambda q: _half_on_cuda(q)),
+                                   ("sdpa_flash", "FLASH_ATTENTION", lambda q: _half_on_cuda(q)),
+                                   ("sdpa_efficient", "EFFICIENT_ATTENTION", lambda q: q.is_cuda),
+                                   ("sdpa_math", "MATH", lambda q: True)):
+        if hasattr(SDPBackend, member):
+            register_backend(name, _sdpa_pinned(getattr(SDPBackend, member)), supports)
+
+
 def _half_on_cuda(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
@@ -80,6 +103,7 @@ def _try_register_sage() -> None:
                      _half_on_cuda)
 
 
+_register_sdpa_variants()
 _try_register_flash()
 _try_register_sage()
 
