@@ -19,10 +19,13 @@ def test_triton_codec_matches_torch_bytes(dtype, d):
     x[2, 1, 2, 7] = float("inf")
     x[3] *= 1e4
     piece = x.view(37, 2, 3, 5, d)[:, :, 1].transpose(0, 1)  # strided like a Ulysses head group
-    out_t = torch.full((2, 37, 5, packed_row_bytes(d)), 7, dtype=torch.uint8, device="cuda")
-    out_k = out_t.clone()
+    # a view whose start is only 4-byte aligned, as per-destination chunks of a wire buffer are
+    wire_t = torch.full((2, 38, 5, packed_row_bytes(d)), 7, dtype=torch.uint8, device="cuda")
+    wire_k = wire_t.clone()
+    out_t, out_k = wire_t[:, 1:], wire_k[:, 1:]
     quantize_into(piece, out_t, impl="torch")
     quantize_into(piece, out_k, impl="triton")
+    assert (wire_k[:, 0] == 7).all(), "nothing written outside the view"
     same = (out_t == out_k).all(-1)
     # identical bytes, except payload bytes of NaN rows, where NaN encodings may differ
     nan_rows = piece.float().isnan().any(-1) | piece.float().isinf().any(-1)

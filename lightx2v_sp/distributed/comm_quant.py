@@ -62,7 +62,7 @@ def quantize_into(x: torch.Tensor, out: torch.Tensor, impl: str = "auto") -> tor
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = (amax / FP8_MAX).masked_fill_(amax == 0, 1.0)
     scale = scale.nan_to_num_(nan=float("nan"), posinf=float("nan"))
-    payload = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    payload = (xf * scale.reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     out[..., :d].copy_(payload.view(torch.uint8))
     out[..., d:].copy_(scale.view(torch.uint8).reshape(*scale.shape[:-1], SCALE_BYTES))
     return out

@@ -8,6 +8,8 @@ reference; a GPU test checks that both produce the same bytes.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -18,15 +20,25 @@ FP8_MAX = tl.constexpr(_FP8_MAX_PY)  # a jit'ed kernel reads globals only as con
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, out_ptr, n_rows, n1, n2, xs0, xs1, xs2, os0, os1, os2,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < n_rows
+def _row_offsets(rows, n1, n2, base, s0, s1, s2, ALIGN: tl.constexpr):
     i2 = rows % n2
     i1 = (rows // n2) % n1
     i0 = (rows // n2 // n1).to(tl.int64)
-    x_off = i0 * xs0 + i1.to(tl.int64) * xs1 + i2.to(tl.int64) * xs2
-    o_off = i0 * os0 + i1.to(tl.int64) * os1 + i2.to(tl.int64) * os2
+    off = base + i0 * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
+    # Pointers are the start of the allocation (aligned) and row starts share the alignment of the
+    # storage offset and strides: the hint lets loads/stores go 4-16 bytes wide (a packed row of
+    # D + 4 bytes is only 4-byte aligned, which Triton cannot see by itself).
+    return tl.multiple_of(off, ALIGN)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, out_ptr, n_rows, n1, n2, x_base, xs0, xs1, xs2, o_base, os0, os1, os2,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     SRC_ALIGN: tl.constexpr, DST_ALIGN: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    x_off = _row_offsets(rows, n1, n2, x_base, xs0, xs1, xs2, SRC_ALIGN)
+    o_off = _row_offsets(rows, n1, n2, o_base, os0, os1, os2, DST_ALIGN)
     cols = tl.arange(0, BLOCK_D)
     mask = rmask[:, None] & (cols < D)[None, :]
     x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -34,7 +46,8 @@ def _quantize_kernel(x_ptr, out_ptr, n_rows, n1, n2, xs0, xs1, xs2, os0, os1, os
     bad = (tl.max((x != x).to(tl.int32), axis=1) > 0) | (amax == float("inf"))
     scale = tl.where(amax == 0.0, 1.0, amax / FP8_MAX)
     scale = tl.where(bad, float("nan"), scale)
-    y = tl.math.div_rn(x, scale[:, None])
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # one IEEE division per row
+    y = x * inv[:, None]
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
     y = tl.where(bad[:, None], float("nan"), y)
     payload = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
@@ -44,15 +57,13 @@ def _quantize_kernel(x_ptr, out_ptr, n_rows, n1, n2, xs0, xs1, xs2, os0, os1, os
 
 
 @triton.jit
-def _dequantize_kernel(p_ptr, out_ptr, n_rows, n1, n2, ps0, ps1, ps2, os0, os1, os2,
-                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _dequantize_kernel(p_ptr, out_ptr, n_rows, n1, n2, p_base, ps0, ps1, ps2, o_base, os0, os1, os2,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                       SRC_ALIGN: tl.constexpr, DST_ALIGN: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
-    i2 = rows % n2
-    i1 = (rows // n2) % n1
-    i0 = (rows // n2 // n1).to(tl.int64)
-    p_off = i0 * ps0 + i1.to(tl.int64) * ps1 + i2.to(tl.int64) * ps2
-    o_off = i0 * os0 + i1.to(tl.int64) * os1 + i2.to(tl.int64) * os2
+    p_off = _row_offsets(rows, n1, n2, p_base, ps0, ps1, ps2, SRC_ALIGN)
+    o_off = _row_offsets(rows, n1, n2, o_base, os0, os1, os2, DST_ALIGN)
     cols = tl.arange(0, BLOCK_D)
     mask = rmask[:, None] & (cols < D)[None, :]
     payload = tl.load(p_ptr + p_off[:, None] + cols[None, :], mask=mask, other=0)
@@ -80,7 +91,18 @@ def _as_rows3(t: torch.Tensor):
 def supported(x: torch.Tensor, out: torch.Tensor) -> bool:
     d = x.shape[-1]
     return (x.is_cuda and d % 4 == 0 and out.data_ptr() % 4 == 0 and _as_rows3(x) is not None
+            and x.untyped_storage().data_ptr() % 16 == 0 and out.untyped_storage().data_ptr() % 16 == 0
             and _as_rows3(out) is not None)
+
+
+def _alignment(t: torch.Tensor, strides) -> int:
+    """Largest power of two (elements, at most 16 bytes) dividing every row start of `t` in its storage."""
+    size = t.element_size()
+    g = math.gcd(t.storage_offset(), *[s for s in strides if s])
+    align = 1
+    while g % (align * 2) == 0 and (align * 2) * size <= 16:
+        align *= 2
+    return align
 
 
 def _launch(kernel, src, dst, d):
@@ -92,7 +114,11 @@ def _launch(kernel, src, dst, d):
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(64, 4096 // block_d))
     grid = (triton.cdiv(n_rows, block_r),)
-    kernel[grid](src, dst, n_rows, n1, n2, *ss, *ds, D=d, BLOCK_D=block_d, BLOCK_R=block_r, num_warps=4)
+    # the allocation's start (16-byte aligned by the caching allocator) + element offsets
+    src_root, dst_root = (t.as_strided((1,), (1,), 0) for t in (src, dst))
+    kernel[grid](src_root, dst_root, n_rows, n1, n2, src.storage_offset(), *ss, dst.storage_offset(), *ds,
+                 D=d, BLOCK_D=block_d, BLOCK_R=block_r,
+                 SRC_ALIGN=_alignment(src, ss), DST_ALIGN=_alignment(dst, ds), num_warps=4)
 
 
 def quantize_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
