@@ -1,0 +1,116 @@
+"""CLI: generate one video from a YAML config.
+
+    python -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml [key=value ...]
+    torchrun --nproc_per_node 2 -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml parallel.ulysses_degree=2
+    python -m lightx2v_sp.generate --help-config        # every key, its default and what it does
+
+The same command runs as one process or under torchrun (one node or several). User errors
+(bad key or value, a layout that does not fit, a missing model, an unwritable output) print one
+`error: ...` line on rank 0 and exit with status 2 on every rank; no video is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+import warnings
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _default_config() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "configs", "wan_t2v_tiny.yaml")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, on rank 0 only, like every other user error
+        if _env_rank() == 0:
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m lightx2v_sp.generate",
+                description="Generate a video with a Wan2.1 DiT (Ulysses sequence parallel under torchrun).")
+    p.add_argument("--config", default=None,
+                   help="YAML config (default: configs/wan_t2v_tiny.yaml, the embedded tiny model)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. parallel.ulysses_degree=2 sample.steps=10")
+    return p
+
+
+def _setup_logging(rank: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[lightx2v_sp] %(message)s"))
+    log = logging.getLogger("lightx2v_sp")
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    if rank != 0:  # library chatter from rank 0 only
+        warnings.filterwarnings("ignore")
+        for name in ("transformers", "diffusers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _fail(message: str, code: int, hard: bool) -> int:
+    """Report on stderr; `hard` exits at once (peers may sit in a collective: no teardown)."""
+    print(message, file=sys.stderr, flush=True)
+    if hard:
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def main(argv=None) -> int:
+    rank = _env_rank()
+    _setup_logging(rank)
+    args = _parser().parse_args(argv)
+    from lightx2v_sp.config import describe, load_config
+    from lightx2v_sp.distributed import init_distributed, resolve_device, shutdown_distributed
+
+    if args.help_config:
+        if rank == 0:
+            print(describe())
+        return 0
+    # Config errors are the same on every rank (same files, same arguments): no collective needed.
+    try:
+        path = args.config or _default_config()
+        cfg = load_config(path, args.overrides)
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR
+
+    from lightx2v_sp.pipeline import AgreedError, run
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        init_distributed(device, cfg.comm.timeout_s)
+        run(cfg, device)
+    except AgreedError as e:  # every rank raised it together: clean teardown is safe
+        if rank == 0:  # report before teardown: torchrun may SIGTERM us once a peer has exited
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        shutdown_distributed()
+        return EXIT_FAILURE if e.internal else EXIT_USER_ERROR
+    except ValueError as e:  # one rank only, maybe: say which, and do not wait for the others
+        prefix = f"[rank {rank}] " if world > 1 else ""
+        return _fail(f"{prefix}error: {e}", EXIT_USER_ERROR, hard=world > 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, hard=world > 1)
+    except Exception:  # a bug or a dead peer: the traceback is the useful report
+        traceback.print_exc()
+        return _fail(f"[rank {rank}] error: the run failed (traceback above)", EXIT_FAILURE, hard=world > 1)
+    shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The embedded tiny model: Wan2.1's architecture at toy sizes, with fixed-seed random weights.
+
+Written once as real checkpoint files into a cache directory and then loaded by the same loaders
+as a downloaded Wan2.1 model, so `model.path: null` exercises the whole pipeline (tokenizer, UMT5,
+DiT, VAE) on a CPU in seconds. Its videos are noise.
+
+    <cache>/tiny-<TINY_VERSION>/
+      config.json, diffusion_pytorch_model.safetensors   DiT, official Wan2.1 layout
+      text_encoder/                                      UMT5, transformers layout
+      tokenizer/                                         T5-like fast tokenizer (pad 0, eos 1)
+      vae/                                               diffusers AutoencoderKLWan
+      TINY_MODEL.json                                    written last: marks a complete build
+
+`<cache>` is $LIGHTX2V_SP_CACHE, else ~/.cache/lightx2v_sp. The build goes to a temporary sibling
+directory renamed into place, under an exclusive file lock, so concurrent ranks (or jobs) neither
+see a half-written model nor build it twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import string
+import tempfile
+
+import torch
+
+# Bump when any size, seed or file below changes: older caches are then simply not used.
+TINY_VERSION = "v1"
+MARKER = "TINY_MODEL.json"
+SEED = 20240601
+
+# 12 heads in the DiT and UMT5: divisible by Ulysses / TP degrees 1, 2, 3, 4 and 6.
+TINY_WAN = dict(dim=96, num_heads=12, num_layers=2, ffn_dim=192, in_dim=16, out_dim=16, text_dim=64,
+                freq_dim=64, text_len=32)
+TINY_T5 = dict(vocab_size=256, d_model=64, d_kv=8, num_heads=12, d_ff=128, num_layers=2)
+TINY_VAE = dict(base_dim=8, z_dim=16, num_res_blocks=1)
+
+_WORDS = ("a an the cat cats dog tiny small big walks runs on in of and with grass field sky city "
+          "street realistic style video blurry low quality bad worst best red green blue").split()
+
+
+def cache_root() -> str:
+    return os.environ.get("LIGHTX2V_SP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightx2v_sp")
+
+
+def tiny_model_dir(root: str | None = None) -> str:
+    return os.path.join(root or cache_root(), f"tiny-{TINY_VERSION}")
+
+
+def is_built(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def ensure_tiny_model(root: str | None = None) -> str:
+    """Directory of the tiny model, building it first if no complete copy exists."""
+    final = tiny_model_dir(root)
+    if is_built(final):
+        return final
+    parent = os.path.dirname(final)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        lock = open(os.path.join(parent, f".tiny-{TINY_VERSION}.lock"), "a+")
+    except OSError as e:
+        raise ValueError(f"cannot write the tiny model cache under {parent} ({e.strerror}); set "
+                         "LIGHTX2V_SP_CACHE to a writable directory or set model.path") from None
+    with lock, _locked(lock):
+        if is_built(final):  # another process built it while we waited
+            return final
+        tmp = tempfile.mkdtemp(prefix=f".tiny-{TINY_VERSION}.tmp-", dir=parent)
+        try:
+            write_tiny_model(tmp)
+            _make_readable(tmp)
+            if os.path.isdir(final):  # incomplete leftovers cannot exist (rename is atomic), but be safe
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _make_readable(path: str) -> None:
+    """mkdtemp makes the directory private; a shared cache should be readable by every user."""
+    for d, _, files in os.walk(path):
+        os.chmod(d, 0o755)
+        for name in files:
+            os.chmod(os.path.join(d, name), 0o644)
+
+
+@contextlib.contextmanager
+def _locked(f):
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def write_tiny_model(path: str) -> None:
+    """Write every component of the tiny model into `path` (an existing, empty directory)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        _write_dit(path)
+        torch.manual_seed(SEED + 1)
+        _write_text_encoder(os.path.join(path, "text_encoder"))
+        torch.manual_seed(SEED + 2)
+        _write_vae(os.path.join(path, "vae"))
+    _write_tokenizer(os.path.join(path, "tokenizer"))
+    with open(os.path.join(path, MARKER), "w") as f:
+        json.dump({"version": TINY_VERSION, "seed": SEED, "dit": TINY_WAN, "text_encoder": TINY_T5,
+                   "vae": TINY_VAE, "note": "random weights: the videos it makes are noise"}, f, indent=2)
+
+
+def _write_dit(path: str) -> None:
+    from lightx2v_sp.models.wan import WanConfig, WanModel
+
+    model = WanModel(WanConfig(**TINY_WAN))
+    model.save_pretrained(path, layout="official")
+
+
+def _write_text_encoder(path: str) -> None:
+    from lightx2v_sp.models.t5.loader import save_t5_encoder
+    from lightx2v_sp.models.t5.model import T5Config, T5Encoder
+
+    cfg = T5Config(**TINY_T5)
+    enc = T5Encoder(cfg)
+    # nn.Embedding's N(0, 1) rows and default Linear init give activations of a sane size at d_model=64
+    save_t5_encoder(enc, path, layout="hf")
+
+
+def _write_vae(path: str) -> None:
+    from diffusers import AutoencoderKLWan
+
+    AutoencoderKLWan(**TINY_VAE).save_pretrained(path, safe_serialization=True)
+
+
+def _write_tokenizer(path: str) -> None:
+    """A small unigram tokenizer with T5's conventions: <pad>=0, </s>=1 appended, <unk>=2."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in _WORDS]
+    vocab += [("\u2581" + c, -2.5) for c in chars] + [(c, -3.0) for c in chars]
+    assert len(vocab) <= TINY_T5["vocab_size"], len(vocab)
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+    fast.save_pretrained(path)

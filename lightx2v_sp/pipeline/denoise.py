@@ -1,0 +1,46 @@
+"""Denoise stage: load the DiT, lay it out (Ulysses + optional block offload), run the sampler.
+
+Every rank holds the full latents and steps its own scheduler copy; the DiT splits the tokens
+over the Ulysses group internally (parallelize_wan) and returns the full prediction, and CFG
+ranks swap predictions once per step (guidance.py). Inputs to every step are therefore the same
+bits on every rank, and so are the scheduler states.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from lightx2v_sp.models.wan import WanModel, parallelize_wan
+from lightx2v_sp.offload import offload_dit_blocks
+
+from .guidance import guided_prediction
+from .scheduler import make_scheduler
+
+
+def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype) -> WanModel:
+    """The DiT on `device`; on the CPU with offload.dit=block (the offload streams its blocks later)."""
+    return WanModel.from_pretrained(path, dtype=dtype, device="cpu" if cfg.offload.dit == "block" else device)
+
+
+def install_parallel(model: WanModel, cfg, dims, device: torch.device):
+    """Ulysses attention per `parallel.*`, then block offload (which must come after it)."""
+    p = cfg.parallel
+    parallelize_wan(model, dims, a2a=p.a2a, fuse_qkv=p.fuse_qkv, comm_dtype=p.comm_dtype,
+                    backend=cfg.attention.backend)
+    if cfg.offload.dit == "block":
+        return offload_dit_blocks(model, device)
+    return None
+
+
+@torch.no_grad()
+def denoise(model: WanModel, latents: torch.Tensor, contexts, cfg, dims, show_progress: bool) -> torch.Tensor:
+    """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32)."""
+    s = cfg.sample
+    scheduler = make_scheduler(s.scheduler, s.steps, s.shift)
+    batch = latents.shape[0]
+    for t in tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True):
+        timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
+        velocity = guided_prediction(lambda context: model(latents, timestep, context),
+                                     contexts.cond, contexts.uncond, s.guidance_scale, dims)
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+    return latents.float()

@@ -1,0 +1,136 @@
+"""Where each component of a Wan2.1 model lives on disk, for both released layouts.
+
+official (Wan-AI/Wan2.1-T2V-*):          diffusers (Wan-AI/Wan2.1-T2V-*-Diffusers):
+  config.json                 DiT           model_index.json
+  diffusion_pytorch_model*.safetensors      transformer/   DiT
+  models_t5_umt5-xxl-enc-bf16.pth  UMT5     text_encoder/  UMT5
+  google/umt5-xxl/            tokenizer     tokenizer/
+  Wan2.1_VAE.pth              VAE           vae/
+Each component is looked up in either place (the embedded tiny model mixes them), and
+`model.text_encoder_path` / `tokenizer_path` / `vae_path` override the lookup one by one.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+T5_OFFICIAL = "models_t5_umt5-xxl-enc-bf16.pth"
+VAE_OFFICIAL = "Wan2.1_VAE.pth"
+TOKENIZER_OFFICIAL = os.path.join("google", "umt5-xxl")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+@dataclass
+class ModelPaths:
+    root: str
+    dit: str
+    dit_layout: str            # "official" | "diffusers"
+    text_encoder: str
+    tokenizer: str
+    vae: str
+    num_heads: int             # DiT attention heads (read from its config, for the layout check)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _has_weights(d: str) -> bool:
+    return bool(glob.glob(os.path.join(d, "diffusion_pytorch_model*.safetensors")))
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _find_dit(root: str, problems: list[str]) -> tuple[Optional[str], str, int]:
+    """(dir, layout, num_heads) of the DiT under root (official at the top, diffusers in transformer/)."""
+    top = _read_json(os.path.join(root, "config.json"))
+    if top is not None and "num_heads" in top and "dim" in top:
+        if _has_weights(root):
+            return root, "official", int(top["num_heads"])
+        problems.append(f"DiT weights diffusion_pytorch_model*.safetensors next to {root}/config.json")
+        return None, "official", 0
+    sub = os.path.join(root, "transformer")
+    cfg = _read_json(os.path.join(sub, "config.json"))
+    if cfg is not None and "num_attention_heads" in cfg:
+        if _has_weights(sub):
+            return sub, "diffusers", int(cfg["num_attention_heads"])
+        problems.append(f"DiT weights diffusion_pytorch_model*.safetensors in {sub}")
+        return None, "diffusers", 0
+    problems.append(f"a DiT: config.json + diffusion_pytorch_model.safetensors in {root} (official) "
+                    f"or in {sub} (diffusers)")
+    return None, "", 0
+
+
+def _first(candidates: list[str], ok) -> Optional[str]:
+    return next((c for c in candidates if ok(c)), None)
+
+
+def _t5_ok(p: str) -> bool:
+    if os.path.isfile(p):
+        return True
+    return os.path.isdir(p) and os.path.isfile(os.path.join(p, "config.json")) and bool(
+        glob.glob(os.path.join(p, "model*.safetensors*")))
+
+
+def _tokenizer_ok(p: str) -> bool:
+    return os.path.isdir(p) and any(os.path.isfile(os.path.join(p, f)) for f in TOKENIZER_FILES)
+
+
+def _vae_ok(p: str) -> bool:
+    if os.path.isfile(p):
+        return True
+    return os.path.isdir(p) and os.path.isfile(os.path.join(p, "config.json")) and bool(
+        glob.glob(os.path.join(p, "diffusion_pytorch_model*.safetensors")))
+
+
+def resolve_model_paths(root: str, text_encoder_path: Optional[str] = None, tokenizer_path: Optional[str] = None,
+                        vae_path: Optional[str] = None) -> ModelPaths:
+    """Component paths under `root`; a ValueError naming everything missing and where it looked."""
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise ValueError(f"model.path {root} is not a directory; point it at a downloaded Wan2.1-T2V "
+                         "directory (official or -Diffusers layout), or set model.path=null for the tiny model")
+    problems: list[str] = []
+    dit, layout, heads = _find_dit(root, problems)
+
+    def pick(override, candidates, ok, what):
+        if override is not None:
+            override = os.path.abspath(os.path.expanduser(override))
+            if ok(override):
+                return override
+            problems.append(f"{what} at {override} (set explicitly)")
+            return None
+        found = _first(candidates, ok)
+        if found is None:
+            problems.append(f"{what} at {' or '.join(candidates)}")
+        return found
+
+    t5 = pick(text_encoder_path, [os.path.join(root, T5_OFFICIAL), os.path.join(root, "text_encoder")],
+              _t5_ok, "the UMT5 text encoder")
+    tok = pick(tokenizer_path, [os.path.join(root, TOKENIZER_OFFICIAL), os.path.join(root, "tokenizer")],
+               _tokenizer_ok, "the tokenizer")
+    vae = pick(vae_path, [os.path.join(root, VAE_OFFICIAL), os.path.join(root, "vae")], _vae_ok, "the VAE")
+    if problems:
+        raise ValueError(f"model directory {root} is incomplete; missing: " + "; ".join(problems)
+                         + ". Nothing was loaded")
+    return ModelPaths(root=root, dit=dit, dit_layout=layout, text_encoder=t5, tokenizer=tok, vae=vae,
+                      num_heads=heads)
+
+
+def model_paths_for(cfg_model) -> ModelPaths:
+    """Paths for `cfg.model`: the given directory, or the embedded tiny model (built on first use)."""
+    if cfg_model.path is None:
+        from lightx2v_sp.models.tiny import ensure_tiny_model
+
+        root = ensure_tiny_model()
+    else:
+        root = cfg_model.path
+    return resolve_model_paths(root, cfg_model.text_encoder_path, cfg_model.tokenizer_path, cfg_model.vae_path)

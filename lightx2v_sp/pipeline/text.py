@@ -1,0 +1,70 @@
+"""Text stage: tokenize the prompt (and the negative prompt), encode with UMT5, free the encoder.
+
+The encoder is laid out over all ranks per `text_encoder.parallel` (replicate | tp | dp, see
+models/t5/parallelize.py) and placed per `text_encoder.device` (gpu | cpu | swap). A tp rank
+reads only its shard of the weights from disk. Every rank ends with the same contexts:
+[1, text_len, d_model] each, zeros after each prompt's last token (Wan's layout).
+The encoder is dropped after this stage: one run encodes one prompt pair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lightx2v_sp.distributed import symmetric_memory
+from lightx2v_sp.models.t5 import T5Encoder, T5Shard, load_tokenizer, parallelize_t5, tokenize
+from lightx2v_sp.offload import ComponentPlacement
+
+from .checks import agreed
+
+
+@dataclass
+class TextContexts:
+    cond: torch.Tensor                 # [1, L, d_model]
+    uncond: Optional[torch.Tensor]     # [1, L, d_model], None without guidance
+    num_tokens: list[int]              # real tokens per prompt (incl. </s>), for the summary
+
+
+def check_text_encoder_layout(te_cfg, device: torch.device, world_size: int) -> None:
+    """Combinations that cannot run, caught before any collective."""
+    if te_cfg.parallel != "replicate" and te_cfg.device == "cpu" and device.type == "cuda" and world_size > 1:
+        raise ValueError(f"text_encoder.parallel={te_cfg.parallel} with text_encoder.device=cpu would run NCCL "
+                         "collectives on CPU tensors, which NCCL cannot do; use text_encoder.device=swap "
+                         "(GPU only for the text stage) or text_encoder.parallel=replicate")
+
+
+def load_text_encoder(path: str, te_cfg, dtype: torch.dtype, dims) -> T5Encoder:
+    """Only this rank's shard for tp; the whole encoder otherwise (on the CPU: placement moves it)."""
+    shard = T5Shard(dims.rank, dims.world_size) if te_cfg.parallel == "tp" and dims.world_size > 1 else None
+    return T5Encoder.from_pretrained(path, dtype=dtype, device="cpu", shard=shard)
+
+
+def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -> TextContexts:
+    te_cfg = cfg.text_encoder
+    use_uncond = cfg.sample.guidance_scale != 1.0
+    prompts = [cfg.prompt] + ([cfg.negative_prompt] if use_uncond else [])
+
+    def load():
+        tokenizer = load_tokenizer(paths.tokenizer)
+        encoder = load_text_encoder(paths.text_encoder, te_cfg, dtype, dims)
+        ids, mask = tokenize(tokenizer, prompts, te_cfg.text_len)
+        if int(ids.max()) >= encoder.config.vocab_size:
+            raise ValueError(f"the tokenizer at {paths.tokenizer} produced token id {int(ids.max())}, but the text "
+                             f"encoder at {paths.text_encoder} has {encoder.config.vocab_size} embeddings; they "
+                             "do not belong together")
+        return encoder, ids, mask
+
+    encoder, ids, mask = agreed("loading the text encoder", load)
+    symmetric_memory.configure(cfg.comm.symmetric_memory, dims.world_group)
+    parallelize_t5(encoder, dims, mode=te_cfg.parallel)
+    placement = ComponentPlacement(encoder, te_cfg.device, device, name="text_encoder")
+    with torch.no_grad(), placement.on_device() as enc:
+        run_on = placement.execution_device
+        context = enc(ids.to(run_on), mask.to(run_on)).to(device=device, dtype=dtype)
+    del placement, encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return TextContexts(cond=context[:1], uncond=context[1:2] if use_uncond else None,
+                        num_tokens=[int(n) for n in mask.sum(dim=1)])

@@ -1,0 +1,126 @@
+"""`python -m lightx2v_sp.generate` as a user runs it: success, and every kind of bad input.
+
+Bad input must give one `error: ...` line (no traceback), a non-zero exit on every rank, no
+video, and no hang (each subprocess has a timeout well under the collective timeout).
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lightx2v_sp.models import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "wan_t2v_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cache"))
+    tiny.ensure_tiny_model(path)
+    return path
+
+
+def _env(cache):
+    env = dict(os.environ, LIGHTX2V_SP_CACHE=cache, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _generate(cache, *args, timeout=120):
+    # the tiny config is laid out for 2 ranks; one process needs ulysses_degree=1 (args may override it)
+    cmd = [sys.executable, "-m", "lightx2v_sp.generate", "--config", CONFIG, "parallel.ulysses_degree=1", *args]
+    return subprocess.run(cmd, cwd=ROOT,
+                          env=_env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun(cache, *args, timeout=180):
+    from lightx2v_sp.testing import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "lightx2v_sp.generate", "--config", CONFIG, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=timeout)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "[rank"))]
+
+
+def test_run_writes_video_and_summary(cache, tmp_path):
+    out = tmp_path / "v" / "tiny.mp4"
+    r = _generate(cache, "sample.steps=2", f"output.path={out}")
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and out.stat().st_size > 1000
+    summary = json.loads((tmp_path / "v" / "tiny.json").read_text())
+    assert summary["output_path"] == str(out) and summary["video"]["frames"] == 9
+    assert sorted(os.listdir(out.parent)) == ["tiny.json", "tiny.mp4"]  # no temporary files left
+    import imageio.v3 as iio
+
+    frames = iio.imread(out)
+    assert frames.shape == (9, 64, 64, 3)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["sample.stepz=3"], "did you mean sample.steps"),
+    (["sample.steps=abc"], "sample.steps"),
+    (["parallel.cfg_degree=3"], "parallel.cfg_degree"),
+    (["parallel.ulysses_degree=2"], "torchrun --nproc_per_node 2"),
+    (["model.path=/nonexistent/Wan2.1-T2V-1.3B"], "is not a directory"),
+    (["output.path=/proc/lightx2v_sp/video.mp4"], "not writable"),
+    (["output.path=/tmp/video.avi"], "must end with .mp4"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--config", "/nonexistent/config.yaml"], "config file not found"),
+])
+def test_bad_input_is_one_error_line(cache, tmp_path, args, expect):
+    r = _generate(cache, *args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_incomplete_model_dir(cache, tmp_path):
+    broken = tmp_path / "Wan2.1-T2V-1.3B"
+    broken.mkdir()
+    shutil.copy(os.path.join(tiny.tiny_model_dir(cache), "config.json"), broken / "config.json")
+    out = tmp_path / "x.mp4"
+    r = _generate(cache, f"model.path={broken}", f"output.path={out}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = _error_lines(r.stderr)
+    assert "incomplete" in line and "DiT weights" in line and "Wan2.1_VAE.pth" in line and str(broken) in line
+    assert not out.exists()
+
+
+def test_help_config_lists_keys(cache):
+    r = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--help-config"], cwd=ROOT,
+                       env=_env(cache), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "parallel.ulysses_degree" in r.stdout and "output.path" in r.stdout
+
+
+def test_torchrun_layout_errors_exit_every_rank(cache, tmp_path):
+    """2 ranks: degrees that do not multiply to 2, then a DiT whose 3 heads do not split over 2."""
+    out = tmp_path / "bad.mp4"
+    r = _torchrun(cache, "parallel.ulysses_degree=1", f"output.path={out}")
+    assert r.returncode != 0
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and "1 x 1 = 1, but the job has 2 rank(s)" in lines[0], r.stderr
+    assert "cfg_degree=2 x ulysses_degree=1" in lines[0]  # the layouts that would fit
+    # torchrun's report lists every rank as failed: rank 0 with our user-error status 2, rank 1 with
+    # 2 as well, or SIGTERM (-15) when torchrun's teardown reached it first
+    codes = re.findall(r"exitcode\s+:\s*(-?\d+)", r.stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, r.stderr[-3000:]
+
+    three = tmp_path / "three-heads"
+    shutil.copytree(tiny.tiny_model_dir(cache), three)
+    from lightx2v_sp.models.wan import WanConfig, WanModel
+
+    WanModel(WanConfig(**{**tiny.TINY_WAN, "dim": 48, "num_heads": 3})).save_pretrained(three, layout="official")
+    r = _torchrun(cache, f"model.path={three}", "parallel.ulysses_degree=2", f"output.path={out}")
+    assert r.returncode != 0
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and "3 attention heads cannot be split over parallel.ulysses_degree=2" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".bad*"))
