@@ -10,7 +10,7 @@ import difflib
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -44,7 +44,8 @@ class SampleConfig:
 
 @dataclass
 class ParallelConfig:
-    ulysses_degree: int = _f(1, "ranks that split the token sequence (Ulysses); contiguous ranks")
+    ulysses_degree: int = _f(0, "ranks that split the token sequence (Ulysses, contiguous ranks); "
+                                "0 = auto: every rank that cfg_degree leaves")
     cfg_degree: int = _f(1, "1, or 2 to run the conditional and unconditional passes on two rank groups", [1, 2])
     a2a: str = _f("all_to_all", "Ulysses exchange: one all_to_all_single, or pairwise round-robin (PCIe)",
                   ["all_to_all", "round_robin"])
@@ -146,8 +147,8 @@ def _wrap(err: OmegaConfBaseException, source: str) -> ValueError:
         return ValueError(f"{source}: unknown config key '{key}'{_did_you_mean(key)}; the run would ignore it")
     if isinstance(err, ValidationError):
         f = _field_of(key)
-        expected = _type_name(f) if f is not None else "another type"
-        value = getattr(err, "msg", str(err)).split("\n")[0]
+        expected = _type_name(f) if f is not None else "a mapping of its own keys (a config section)"
+        value = (getattr(err, "msg", None) or str(err)).split("\n")[0]
         return ValueError(f"{source}: config key '{key}' expects {expected}: {value}")
     return ValueError(f"{source}: invalid config: {str(err).splitlines()[0]}")
 
@@ -170,7 +171,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     s, p = cfg.sample, cfg.parallel
     for key, value, minimum in [("sample.steps", s.steps, 1), ("sample.height", s.height, 16),
                                 ("sample.width", s.width, 16), ("sample.num_frames", s.num_frames, 1),
-                                ("sample.fps", s.fps, 1), ("parallel.ulysses_degree", p.ulysses_degree, 1),
+                                ("sample.fps", s.fps, 1), ("parallel.ulysses_degree", p.ulysses_degree, 0),
                                 ("comm.timeout_s", cfg.comm.timeout_s, 1), ("text_encoder.text_len", cfg.text_encoder.text_len, 1)]:
         if value < minimum:
             raise ValueError(f"config key '{key}' = {value} must be >= {minimum}")
@@ -191,7 +192,11 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunCo
     conf = OmegaConf.structured(RunConfig)
     if path is not None:
         try:
-            conf = OmegaConf.merge(conf, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ValueError(f"{path}: the top level of a config must be a mapping of keys, "
+                                 f"not a {type(loaded).__name__}")
+            conf = OmegaConf.merge(conf, loaded)
         except FileNotFoundError:
             raise ValueError(f"config file not found: {path}") from None
         except OmegaConfBaseException as err:

@@ -25,8 +25,11 @@ def test_packed_layout_is_payload_then_scale():
 
 
 def test_special_values():
-    x = torch.randn(5, 32)
+    x = torch.randn(7, 32)
     x[0] = 0
+    x[5] = torch.randn(32) * 1e-37  # amax / 448 is subnormal: 1 / scale must not overflow
+    x[5, ::2] = 0
+    x[6] = torch.randn(32) * 1e-43  # below fp32's normal range
     x[1, 3] = float("nan")
     x[2, 4] = float("inf")
     x[3, 5] = -float("inf")
@@ -35,6 +38,9 @@ def test_special_values():
     assert (y[0] == 0).all(), "zero rows decode to exact zeros"
     assert y[1].isnan().all() and y[2].isnan().all() and y[3].isnan().all(), "non-finite rows decode to NaN"
     assert torch.isfinite(y[4]).all() and ((y[4] - x[4]).abs() <= x[4].abs().max() / 16).all()
+    assert torch.isfinite(y[5]).all() and (y[5, ::2] == 0).all()
+    assert ((y[5] - x[5]).abs() <= x[5].abs().max() / 16).all(), "the relative bound holds for tiny rows"
+    assert torch.isfinite(y[6]).all() and ((y[6] - x[6]).abs() <= 2e-41).all(), "documented absolute floor"
 
 
 def test_bf16_and_fp16_inputs_and_views():

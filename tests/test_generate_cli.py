@@ -32,8 +32,8 @@ def _env(cache):
 
 
 def _generate(cache, *args, timeout=120):
-    # the tiny config is laid out for 2 ranks; one process needs ulysses_degree=1 (args may override it)
-    cmd = [sys.executable, "-m", "lightx2v_sp.generate", "--config", CONFIG, "parallel.ulysses_degree=1", *args]
+    # the tiny config's ulysses_degree 0 means "all ranks": one here
+    cmd = [sys.executable, "-m", "lightx2v_sp.generate", "--config", CONFIG, *args]
     return subprocess.run(cmd, cwd=ROOT,
                           env=_env(cache), capture_output=True, text=True, timeout=timeout)
 

@@ -196,7 +196,7 @@ def test_shard_load_reads_slices(hf_dir, tmp_path):
             want = p if piece is None else p.narrow(piece[0], piece[1], piece[2] - piece[1])
             assert torch.equal(params[name], want), name
         assert part.blocks[0].attn.num_heads == 2
-        with pytest.raises(RuntimeError, match="tensor-parallel shard"):
+        with pytest.raises(ValueError, match="tensor-parallel shard"):
             part.forward_local(torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="4 attention heads evenly"):
         T5Shard(0, 3).check(cfg)

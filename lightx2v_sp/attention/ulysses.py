@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..distributed.collectives import A2A_METHODS, exchange
 from ..distributed.comm_quant import dequantize_into, packed_row_bytes, quantize_into
-from ..distributed.mesh import valid_layouts
+from ..distributed.mesh import heads_error
 from .backends import attention
 
 COMM_DTYPES = (None, "fp8")
@@ -33,24 +33,56 @@ def _offsets(sizes: list[int]) -> list[int]:
     return out
 
 
+def check_options(a2a: str, comm_dtype: str | None) -> None:
+    if a2a not in A2A_METHODS:
+        raise ValueError(f"a2a={a2a!r} is not one of {list(A2A_METHODS)}")
+    if comm_dtype not in COMM_DTYPES:
+        raise ValueError(f"comm_dtype={comm_dtype!r} is not one of {list(COMM_DTYPES)}")
+
+
 def _check(q, k, v, size, rank, seq_sizes, a2a, comm_dtype):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"ulysses_attention expects q, k, v of one shape [B, S_local, H, D]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    heads = q.shape[2]
-    if heads % size:
-        world = dist.get_world_size()
-        raise ValueError(f"{heads} attention heads cannot be split over a Ulysses group of {size}; "
-                         f"layouts that work on {world} ranks: {', '.join(valid_layouts(world, heads)) or 'none'}")
-    if a2a not in A2A_METHODS:
-        raise ValueError(f"a2a={a2a!r} is not one of {list(A2A_METHODS)}")
-    if comm_dtype not in COMM_DTYPES:
-        raise ValueError(f"comm_dtype={comm_dtype!r} is not one of {list(COMM_DTYPES)}")
+    if q.shape[2] % size:
+        raise heads_error(q.shape[2], size, dist.get_world_size())
+    check_options(a2a, comm_dtype)
     if len(seq_sizes) != size or seq_sizes[rank] != q.shape[1]:
         raise ValueError(f"seq_sizes={list(seq_sizes)} does not describe a group of {size} where rank {rank} "
                          f"holds {q.shape[1]} tokens")
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_agreed_layouts: set = set()
+
+
+def _check_agreement(q, group, size, seq_sizes, a2a, fuse_qkv, comm_dtype):
+    """Ranks that disagree on the layout would crash or hang inside the exchange; check once per layout.
+
+    Each rank gathers every rank's (B, H, D, dtype, variant, seq_sizes). A new layout costs one small
+    all_gather (not counted in CommStats: it moves no attention data); a known one costs a set lookup.
+    This catches ranks that disagree from the first call of a layout, the usual mistake; a rank that
+    later switches alone to a new layout while the others reuse an agreed one is caught by the
+    collective timeout (comm.timeout_s) instead, since checking every call would cost a sync each.
+    """
+    variant = A2A_METHODS.index(a2a) * 4 + int(fuse_qkv) * 2 + int(comm_dtype == "fp8")
+    mine = (q.shape[0], q.shape[2], q.shape[3], _DTYPE_CODES.get(q.dtype, 9), variant, *seq_sizes)
+    key = (group, mine)
+    if key in _agreed_layouts:
+        return
+    desc = torch.tensor(mine, dtype=torch.int64, device=q.device)
+    every = [torch.empty_like(desc) for _ in range(size)]
+    # [5 + P] per rank -> all_gather -> P x [5 + P]
+    dist.all_gather(every, desc, group=group)
+    rows = [tuple(t.tolist()) for t in every]
+    if any(r != rows[0] for r in rows):
+        names = "(batch, heads, head_dim, dtype code, variant code, seq_sizes...)"
+        raise ValueError(f"ulysses_attention: the ranks of the group disagree on the layout {names}: "
+                         + "; ".join(f"rank {i}: {r}" for i, r in enumerate(rows))
+                         + ". Every rank must pass the same seq_sizes, shapes, dtype and variant")
+    _agreed_layouts.add(key)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None,
@@ -63,6 +95,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     rank = dist.get_rank(group)
     seq_sizes = list(seq_sizes) if seq_sizes is not None else [q.shape[1]] * size
     _check(q, k, v, size, rank, seq_sizes, a2a, comm_dtype)
+    _check_agreement(q, group, size, seq_sizes, a2a, fuse_qkv, comm_dtype)
 
     groups = [(q, k, v)] if fuse_qkv else [(q,), (k,), (v,)]
     full = [t for g in groups for t in _scatter_heads(g, group, size, seq_sizes, a2a, comm_dtype)]

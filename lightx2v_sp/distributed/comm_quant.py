@@ -12,7 +12,10 @@ Special values, deliberately:
 - a zero row gets scale 1 and decodes to exact zeros;
 - a row holding NaN or +-inf decodes to all NaN (e4m3fn has no infinity, and torch's cast would
   saturate inf to 448: a silent finite value). NaN is never turned into zeros;
-- huge finite values (up to the fp32 maximum) are scaled into range, not clipped.
+- huge finite values (up to the fp32 maximum) are scaled into range, not clipped;
+- rows of tiny magnitude (amax / 448 below fp32's smallest normal, 1.2e-38) use that smallest
+  normal as their scale, so nothing overflows; values under about 1e-41 may then flush to zero
+  (an absolute error below 2e-41, where the relative bound above no longer applies).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_BYTES = 4
+MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 def packed_row_bytes(dim: int) -> int:
@@ -60,7 +64,8 @@ def quantize_into(x: torch.Tensor, out: torch.Tensor, impl: str = "auto") -> tor
         return fused.quantize_into(x, out)
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = (amax / FP8_MAX).masked_fill_(amax == 0, 1.0)
+    # the smallest normal fp32 floor keeps 1 / scale finite for rows of subnormal magnitude
+    scale = (amax / FP8_MAX).clamp_min_(MIN_SCALE).masked_fill_(amax == 0, 1.0)
     scale = scale.nan_to_num_(nan=float("nan"), posinf=float("nan"))
     payload = (xf * scale.reciprocal()).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     out[..., :d].copy_(payload.view(torch.uint8))

@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .comm_quant import FP8_MAX as _FP8_MAX_PY, SCALE_BYTES
+from .comm_quant import FP8_MAX as _FP8_MAX_PY, MIN_SCALE as _MIN_SCALE_PY, SCALE_BYTES
 
 FP8_MAX = tl.constexpr(_FP8_MAX_PY)  # a jit'ed kernel reads globals only as constexpr
+MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)
 
 
 @triton.jit
@@ -44,7 +45,7 @@ def _quantize_kernel(x_ptr, out_ptr, n_rows, n1, n2, x_base, xs0, xs1, xs2, o_ba
     x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
     bad = (tl.max((x != x).to(tl.int32), axis=1) > 0) | (amax == float("inf"))
-    scale = tl.where(amax == 0.0, 1.0, amax / FP8_MAX)
+    scale = tl.where(amax == 0.0, 1.0, tl.maximum(amax / FP8_MAX, MIN_SCALE))
     scale = tl.where(bad, float("nan"), scale)
     inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # one IEEE division per row
     y = x * inv[:, None]

@@ -20,6 +20,13 @@ def valid_layouts(world_size: int, num_heads: int | None = None) -> list[str]:
     return out
 
 
+def heads_error(num_heads: int, group_size: int, world_size: int) -> ValueError:
+    """The error for heads that a Ulysses group of `group_size` cannot split evenly."""
+    return ValueError(f"{num_heads} attention heads cannot be split over a Ulysses group of {group_size}; "
+                      f"layouts that work on {world_size} ranks: "
+                      f"{', '.join(valid_layouts(world_size, num_heads)) or 'none'}")
+
+
 class ParallelDims:
     """Degrees of each parallel axis and the process groups that go with them.
 
@@ -70,10 +77,7 @@ class ParallelDims:
     def check_heads(self, num_heads: int) -> None:
         """Ulysses splits heads over the group: they must divide evenly."""
         if num_heads % self.sp_size:
-            raise ValueError(
-                f"{num_heads} attention heads cannot be split over ulysses_degree={self.sp_size}; "
-                f"layouts that work on {self.world_size} ranks: "
-                f"{', '.join(valid_layouts(self.world_size, num_heads)) or 'none'}")
+            raise heads_error(num_heads, self.sp_size, self.world_size)
 
     def __repr__(self) -> str:
         return (f"ParallelDims(world={self.world_size}, rank={self.rank}, cfg={self.cfg_degree}, "

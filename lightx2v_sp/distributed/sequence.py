@@ -36,4 +36,9 @@ def gather_sequence(x: torch.Tensor, dim: int = 1, sizes: list[int] | None = Non
     size, _ = group_size_rank(group)
     if size == 1:
         return x
-    return all_gather_v(x, dim, sizes if sizes is not None else [x.shape[dim]] * size, group)
+    if sizes is None:
+        # Guessing equal sizes from this rank's slice would mis-size the exchange after an uneven
+        # shard and crash or hang the group; shard_sequence returns the sizes to pass here.
+        raise ValueError(f"gather_sequence over a group of {size} needs sizes= (every rank's slice length, "
+                         "as returned by shard_sequence)")
+    return all_gather_v(x, dim, sizes, group)

@@ -45,11 +45,13 @@ class BlockOffload:
         self.block_nbytes = self.layouts[0].nbytes
         num = len(blocks)
 
-        # One host allocation for all blocks; block i lives at [i * nbytes, (i+1) * nbytes).
-        host = transport.host_empty(num * self.block_nbytes)
-        self._host_flat = [host[i * self.block_nbytes:(i + 1) * self.block_nbytes] for i in range(num)]
+        # One host allocation per block, packed and its original storage freed before the next is
+        # allocated: host memory peaks at one copy of the blocks plus one block, not two copies.
+        self._host_flat = []
         self._host_views = []
-        for layout, flat in zip(self.layouts, self._host_flat):
+        for layout in self.layouts:
+            flat = transport.host_empty(self.block_nbytes)
+            self._host_flat.append(flat)
             views = layout.views(flat)
             layout.pack(views)
             layout.bind(views)  # frees the original (device or mmap-backed) storage

@@ -60,9 +60,13 @@ def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -
     symmetric_memory.configure(cfg.comm.symmetric_memory, dims.world_group)
     parallelize_t5(encoder, dims, mode=te_cfg.parallel)
     placement = ComponentPlacement(encoder, te_cfg.device, device, name="text_encoder")
-    with torch.no_grad(), placement.on_device() as enc:
-        run_on = placement.execution_device
-        context = enc(ids.to(run_on), mask.to(run_on)).to(device=device, dtype=dtype)
+    try:
+        with torch.no_grad(), placement.on_device() as enc:
+            run_on = placement.execution_device
+            context = enc(ids.to(run_on), mask.to(run_on)).to(device=device, dtype=dtype)
+    finally:
+        # The switch is for the text-encoder collectives only: the DiT's gathers must not inherit it.
+        symmetric_memory.configure(False)
     del placement, encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()

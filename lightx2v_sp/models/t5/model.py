@@ -179,7 +179,8 @@ class T5Encoder(nn.Module):
 
     def forward_local(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.shard is not None and self.shard.world_size > 1:
-            raise RuntimeError("this T5Encoder holds a tensor-parallel shard; run it through parallelize_t5")
+            raise ValueError("this T5Encoder holds a tensor-parallel shard (1/N of the heads); alone it would "
+                             "compute wrong results: run it through parallelize_t5(enc, dims, mode=\"tp\")")
         x = self.token_embedding(input_ids)
         buckets = self.buckets(input_ids.shape[1], input_ids.device)
         mask_bias = padding_bias(attention_mask, x.dtype)

@@ -116,9 +116,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv(x).split(self.dim, dim=-1)
-        q = apply_rope(self.norm_q(q).view(b, s, self.num_heads, -1), *rope)
-        k = apply_rope(self.norm_k(k).view(b, s, self.num_heads, -1), *rope)
-        v = v.view(b, s, self.num_heads, -1)
+        hd = self.dim // self.num_heads  # explicit: a rank may hold 0 tokens, where -1 cannot be inferred
+        q = apply_rope(self.norm_q(q).view(b, s, self.num_heads, hd), *rope)
+        k = apply_rope(self.norm_k(k).view(b, s, self.num_heads, hd), *rope)
+        v = v.view(b, s, self.num_heads, hd)
         return self.o(self.attn_fn(q, k, v).flatten(2))
 
 
@@ -135,10 +136,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, -1)
+        hd = self.dim // self.num_heads
+        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, hd)
         k, v = self.kv(context).split(self.dim, dim=-1)
-        k = self.norm_k(k).view(b, context.shape[1], self.num_heads, -1)
-        v = v.view(b, context.shape[1], self.num_heads, -1)
+        k = self.norm_k(k).view(b, context.shape[1], self.num_heads, hd)
+        v = v.view(b, context.shape[1], self.num_heads, hd)
         return self.o(self.attn_fn(q, k, v).flatten(2))
 
 

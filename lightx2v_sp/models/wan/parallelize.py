@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lightx2v_sp.attention import ulysses_attention
-from lightx2v_sp.attention.ulysses import COMM_DTYPES
+from lightx2v_sp.attention.ulysses import check_options
 from lightx2v_sp.distributed import ParallelDims, gather_sequence, shard_sequence
-from lightx2v_sp.distributed.collectives import A2A_METHODS
 
 from .model import WanModel
 
@@ -83,10 +82,7 @@ SEQUENCE_PLAN = (
 def parallelize_wan(model: WanModel, dims: ParallelDims, a2a: str = "all_to_all", fuse_qkv: bool = True,
                     comm_dtype: str | None = None, backend: str = "auto") -> WanModel:
     """Install sequence parallelism over `dims.sp_group` (the CFG axis belongs to the runner)."""
-    if a2a not in A2A_METHODS:
-        raise ValueError(f"a2a={a2a!r} is not one of {list(A2A_METHODS)}")
-    if comm_dtype not in COMM_DTYPES:
-        raise ValueError(f"comm_dtype={comm_dtype!r} is not one of {list(COMM_DTYPES)}")
+    check_options(a2a, comm_dtype)
     if getattr(model, "_sequence_shard", None) is not None:
         raise ValueError("parallelize_wan was already applied to this model; a second plan would split the "
                          "tokens twice")
