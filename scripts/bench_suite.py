@@ -22,6 +22,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 PARTS = {
+    "peak": ["bench_peak.py"],
     "attention_kernels": ["bench_attention_kernels.py"],
     "ulysses_variants_n1": ["bench_attention.py", "--world", "1", "--shape", "1", "32760", "12", "128"],
     "dit_1.3b_480p": ["bench_dit.py", "--config", "1.3b", "--latent", "21", "60", "104", "--iters", "5",

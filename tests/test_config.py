@@ -97,3 +97,9 @@ def test_every_field_is_documented():
     for key, f in docs:
         assert f.metadata.get("doc"), f"{key} has no doc"
     assert "parallel.comm_dtype" in describe()
+
+
+def test_compile_and_block_offload_are_exclusive():
+    assert load_config(None, ["model.compile=true"]).model.compile is True
+    with pytest.raises(ValueError, match="model.compile=true with offload.dit=block"):
+        load_config(None, ["model.compile=true", "offload.dit=block"])

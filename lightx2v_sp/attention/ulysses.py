@@ -92,6 +92,13 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     size = 1 if group is None else dist.get_world_size(group)
     if size == 1:
         return attention(q, k, v, backend)
+    return _ulysses(q, k, v, group, size, seq_sizes, a2a, fuse_qkv, comm_dtype, backend)
+
+
+# Under torch.compile (model.compile) the exchanges stay eager: dynamo breaks the graph around this
+# call instead of tracing point-to-point and split-size collectives it cannot capture.
+@torch.compiler.disable
+def _ulysses(q, k, v, group, size, seq_sizes, a2a, fuse_qkv, comm_dtype, backend):
     rank = dist.get_rank(group)
     seq_sizes = list(seq_sizes) if seq_sizes is not None else [q.shape[1]] * size
     _check(q, k, v, size, rank, seq_sizes, a2a, comm_dtype)

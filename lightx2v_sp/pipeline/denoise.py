@@ -29,6 +29,9 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device):
                     backend=cfg.attention.backend)
     if cfg.offload.dit == "block":
         return offload_dit_blocks(model, device)
+    if cfg.model.compile:
+        for block in model.blocks:  # identical blocks share one compiled graph (parameters are inputs)
+            block.compile(dynamic=False)
     return None
 
 
