@@ -29,6 +29,7 @@ PARTS = {
                       "--compile"],
     "comm_quant": ["bench_comm_quant.py", "--rows", "4194304", "--dim", "128"],
     "offload_1.3b_480p": ["bench_offload.py", "--config", "1.3b", "--latent", "21", "60", "104", "--ablation"],
+    "offload_14b_480p": ["bench_offload.py", "--config", "14b", "--latent", "21", "60", "104", "--ablation"],
     "e2e_1.3b_480p": ["bench_e2e.py", "--config", "1.3b", "--steps", "10"],
 }
 
