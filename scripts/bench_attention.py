@@ -86,7 +86,7 @@ def table(rows, args, world, device_name) -> str:
     bf = {(r["a2a"], r["fuse_qkv"]): r["mib"] for r in rows if r["comm"] != "fp8"}
     lines = [f"Ulysses attention, N={world}, shape [B,S,H,D]={args.shape}, {args.dtype}, {device_name}, "
              f"median of {args.iters}",
-             "", "| a2a | fuse_qkv | wire dtype | ms / call | calls | MiB sent (rank 0) | bytes vs bf16 | max err vs all_to_all |",
+             "", "| a2a | fuse_qkv | wire dtype | ms / call | calls | MiB sent (rank 0) | bytes vs unquantized | max err vs all_to_all |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = r["mib"] / bf[(r["a2a"], r["fuse_qkv"])] if bf[(r["a2a"], r["fuse_qkv"])] else float("nan")
