@@ -10,7 +10,6 @@ import itertools
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -18,26 +17,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightx2v_sp.attention import ulysses_attention  # noqa: E402
 from lightx2v_sp.distributed import CommStats, split_sizes  # noqa: E402
+from lightx2v_sp.benchmarking import time_once  # noqa: E402
 from lightx2v_sp.testing import run_on_ranks  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _timer(device):
-    if device.type == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-    return run
 
 
 def bench(rank: int, world: int, args) -> list[dict]:
@@ -51,7 +34,6 @@ def bench(rank: int, world: int, args) -> list[dict]:
     rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, generator=g)[:, rows].to(device, dtype).contiguous() for _ in range(3))
-    timer = _timer(device)
     rows_out, baseline = [], None
     variants = list(itertools.product(["all_to_all", "round_robin"], [True, False], [None, "fp8"]))
     for a2a, fuse, comm in variants:
@@ -67,7 +49,7 @@ def bench(rank: int, world: int, args) -> list[dict]:
         for _ in range(args.iters):
             if group is not None:
                 dist.barrier(group)
-            times.append(timer(call))
+            times.append(time_once(call, device))
         if baseline is None:
             baseline = out.float()
         err = (out.float() - baseline).abs().max()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -16,23 +15,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightx2v_sp.attention import attention, available_backends, ulysses_attention  # noqa: E402
 from lightx2v_sp.attention.backends import _SUPPORTS  # noqa: E402
+from lightx2v_sp.benchmarking import median_seconds  # noqa: E402
 
 # Wan2.1 token counts: 480p 21x60x104 latents -> 32760 tokens, 720p 21x90x160 -> 75600 tokens
 SHAPES = {"1.3B 480p": (32760, 12), "1.3B 720p": (75600, 12), "14B 480p": (32760, 40), "14B 720p": (75600, 40)}
 
 
 def cuda_time(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, torch.device("cuda"), warmup, iters)
 
 
 def main() -> None:

@@ -7,33 +7,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lightx2v_sp.benchmarking import median_seconds  # noqa: E402
 from lightx2v_sp.distributed.comm_quant import dequantize_into, packed_row_bytes, quantize_into  # noqa: E402
 
 
 def timeit(fn, iters, device) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, device, 3, iters)
 
 
 def run(rows: int, dim: int, dtype: torch.dtype, device: torch.device, iters: int) -> list[dict]:

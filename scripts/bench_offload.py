@@ -13,7 +13,6 @@ overlap, peak memory n/a): it checks the machinery, it says nothing about speed.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time

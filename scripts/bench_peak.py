@@ -4,24 +4,15 @@ python scripts/bench_peak.py      (CUDA). The other benchmarks' TFLOP/s and GB/s
 """
 from __future__ import annotations
 
-import statistics
+import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lightx2v_sp.benchmarking import median_seconds  # noqa: E402
 
-def timed(fn, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(out)
+CUDA = torch.device("cuda")
 
 
 def main() -> None:
@@ -29,10 +20,10 @@ def main() -> None:
         sys.exit("bench_peak needs a CUDA GPU")
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    t_mm = timed(lambda: a @ b)
+    t_mm = median_seconds(lambda: a @ b, CUDA)
     src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
     dst = torch.empty_like(src)
-    t_cp = timed(lambda: dst.copy_(src))
+    t_cp = median_seconds(lambda: dst.copy_(src), CUDA)
     print(f"Device ceilings, {torch.cuda.get_device_name()}, torch {torch.__version__}, median of 20\n")
     print("| ceiling | value |")
     print("|---|---:|")

@@ -1,5 +1,4 @@
 """Sequence sharding, uneven all-to-all (both methods), ParallelDims and the test harness."""
-import itertools
 
 import pytest
 import torch

@@ -43,7 +43,6 @@ class BlockOffload:
         check_same_structure(self.layouts, "enable_block_offload")
         check_disjoint(self.layouts, "enable_block_offload")
         self.block_nbytes = self.layouts[0].nbytes
-        num = len(blocks)
 
         # One host allocation per block, packed and its original storage freed before the next is
         # allocated: host memory peaks at one copy of the blocks plus one block, not two copies.

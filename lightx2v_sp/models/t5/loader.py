@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from ..safetensors_io import save_safetensors
 from .model import T5Config, T5Encoder
 from .shard import T5Shard
 
@@ -279,30 +280,8 @@ def save_t5_encoder(enc: T5Encoder, path, layout: str = "hf", max_shard_bytes: i
         return path
     if layout != "hf":
         raise ValueError(f"layout {layout!r} is not 'hf' or 'official'")
-    from safetensors.torch import save_file
-
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
-    tensors = {file_key(n, "hf"): t for n, t in state.items()}
-    if max_shard_bytes is None:
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return path
-    shards: list[dict] = [{}]
-    size = 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += nbytes
-    weight_map = {}
-    for i, part in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(part, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    save_safetensors({file_key(n, "hf"): t for n, t in state.items()}, path, "model", max_shard_bytes)
     return path

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..safetensors_io import save_safetensors
 from .config import WanConfig
 from .keymap import native_pieces
 from .model import WanModel
@@ -158,22 +158,4 @@ def save_pretrained(model: WanModel, path, layout: str = "official", max_shard_b
             tensors[key] = t.clone() if rows != p.shape[0] else t.contiguous()
     config = model.config.to_official() if layout == "official" else model.config.to_diffusers()
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t.cpu()
-        size += nbytes
-    if max_shard_bytes is None:
-        save_file(shards[0], path / WEIGHTS, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / name, metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    save_safetensors(tensors, path, WEIGHTS.removesuffix(".safetensors"), max_shard_bytes)
