@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import weakref
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightx2v_sp.benchmarking import time_once  # noqa: E402
 from lightx2v_sp.models.wan import WanConfig, model_from_state_dict  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -99,19 +99,7 @@ def measure(fn, device: torch.device, warmup: int, iters: int, exclude: set[int]
     with torch.no_grad():
         for _ in range(warmup):
             out = fn()
-        times = []
-        for _ in range(iters):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+        times = [time_once(fn, device) * 1e3 for _ in range(iters)]
         if device.type == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated(device)
