@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from lightx2v_sp.attention.names import BACKEND_CHOICES
+
 
 def _f(default: Any, doc: str, choices: Sequence[Any] | None = None):
     meta = {"doc": doc}
@@ -58,8 +60,10 @@ class ParallelConfig:
 
 @dataclass
 class AttentionConfig:
-    backend: str = _f("auto", "local attention kernel (sdpa_* pin one of PyTorch's SDPA implementations)",
-                      ["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flash_attn", "sage"])
+    backend: str = _f("auto", "local attention kernel: auto = the fastest exact one installed for the GPU "
+                              "(FlashAttention-4, -3, cuDNN SDPA, FlashAttention-2, SDPA); flash_attn = the best "
+                              "installed FlashAttention; sdpa_* pin one of PyTorch's SDPA implementations; "
+                              "sage is quantized (lossy) and runs only when named", BACKEND_CHOICES)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightx2v_sp.attention import attention, available_backends, ulysses_attention  # noqa: E402
-from lightx2v_sp.attention.backends import _SUPPORTS  # noqa: E402
+from lightx2v_sp.attention.backends import kernel_info, resolve_backend  # noqa: E402
 from lightx2v_sp.benchmarking import median_seconds  # noqa: E402
 
 # Wan2.1 token counts: 480p 21x60x104 latents -> 32760 tokens, 720p 21x90x160 -> 75600 tokens
@@ -38,13 +38,19 @@ def main() -> None:
         s, h = SHAPES[shape]
         q, k, v = (torch.randn(1, s, h, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         flops = 4 * s * s * h * 128
-        names = [n for n in available_backends() if n != "sdpa_math" and _SUPPORTS[n](q)]
+        names = [n for n in available_backends()
+                 if n not in ("sdpa_math", "flash_attn") and kernel_info(n).supports(q.device, q.dtype, 128)]
+        ref = attention(q, k, v, backend="sdpa_cudnn" if "sdpa_cudnn" in names else "sdpa").float()
         for name in names:
             t = cuda_time(lambda: attention(q, k, v, backend=name), args.warmup, args.iters)
-            rows.append((shape, name, t * 1e3, flops / t / 1e12))
+            err = ((attention(q, k, v, backend=name).float() - ref).norm() / ref.norm()).item()
+            kind = "exact" if kernel_info(name).exact else "lossy"
+            rows.append((shape, f"{name} ({kind}, rel. diff {err:.1e})", t * 1e3, flops / t / 1e12))
+        del ref
         t_direct = cuda_time(lambda: attention(q, k, v), args.warmup, args.iters)
         t_uly = cuda_time(lambda: ulysses_attention(q, k, v, group=None), args.warmup, args.iters)
-        rows.append((shape, "auto, called directly", t_direct * 1e3, flops / t_direct / 1e12))
+        auto = resolve_backend("auto", q.device, q.dtype, 128)
+        rows.append((shape, f"auto -> {auto}, called directly", t_direct * 1e3, flops / t_direct / 1e12))
         rows.append((shape, f"ulysses_attention N=1 ({(t_uly / t_direct - 1) * 100:+.1f}%)", t_uly * 1e3,
                      flops / t_uly / 1e12))
         del q, k, v

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightx2v_sp.attention import resolve_backend  # noqa: E402
 from lightx2v_sp.benchmarking import time_once  # noqa: E402
 from lightx2v_sp.models.wan import WanConfig, model_from_state_dict  # noqa: E402
 
@@ -155,6 +156,9 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--backend", default="auto", help="our local attention kernel")
+    ap.add_argument("--backends", nargs="*", default=None,
+                    help="time our model once per kernel named here (e.g. auto sdpa_cudnn flash_attn4), "
+                         "eager and, with --compile, compiled; default: --backend only")
     ap.add_argument("--fp32-ref", action="store_true",
                     help="also run our model in fp32 once and report each model's error against it")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one forward of our model")
@@ -188,15 +192,25 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
     ours.to(device)
     ptrs = {p.untyped_storage().data_ptr() for p in ours.parameters()} | inputs_ptrs
-    res_ours = measure(lambda: ours(x, t, ctx), device, args.warmup, args.iters, ptrs)
-    rows.append(("lightx2v_sp WanModel", param_bytes(ours), res_ours))
+    res_ours = None
+    for backend in args.backends or [args.backend]:
+        ours.set_attention_backend(backend)
+        kernel = resolve_backend(backend, device, dtype, cfg.dim // cfg.num_heads)
+        label = f"{backend} -> {kernel}" if backend == "auto" else backend
+        res = measure(lambda: ours(x, t, ctx), device, args.warmup, args.iters, ptrs)
+        res_ours = res_ours or res
+        rows.append((f"lightx2v_sp WanModel ({label})", param_bytes(ours), res))
+        if args.compile:
+            torch._dynamo.reset()
+            for block in ours.blocks:  # identical blocks share one compiled graph (parameters are inputs)
+                block.compile(dynamic=False)
+            res_comp = measure(lambda: ours(x, t, ctx), device, args.warmup + 1, args.iters, ptrs)
+            rows.append((f"lightx2v_sp WanModel + torch.compile(blocks) ({label})", param_bytes(ours), res_comp))
+            for block in ours.blocks:
+                block._compiled_call_impl = None
+    ours.set_attention_backend(args.backend)
     if args.profile:
         profile(lambda: ours(x, t, ctx), device)
-    if args.compile:
-        for block in ours.blocks:  # identical blocks share one compiled graph (parameters are inputs)
-            block.compile(dynamic=False)
-        res_comp = measure(lambda: ours(x, t, ctx), device, args.warmup + 1, args.iters, ptrs)
-        rows.append(("lightx2v_sp WanModel + torch.compile(blocks)", param_bytes(ours), res_comp))
     ref = None
     if args.fp32_ref and dtype != torch.float32:
         ours.to("cpu")

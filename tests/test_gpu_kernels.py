@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from lightx2v_sp.attention import attention, available_backends, ulysses_attention
+from lightx2v_sp.attention.backends import kernel_info
 from lightx2v_sp.distributed.comm_quant import dequantize_into, packed_row_bytes, quantize_into
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -44,7 +45,9 @@ def test_backends_agree_with_sdpa_math():
     for name in ["auto"] + available_backends():
         out = attention(q, k, v, backend=name)
         rel = (out.float() - ref).norm() / ref.norm()
-        assert rel < 1e-2, (name, rel.item())  # bf16 operands: 1e-3 .. 1e-2 relative
+        # exact kernels on bf16 operands: 1e-3 .. 1e-2 relative; quantized (sage): int8 q/k, a few %
+        bound = 1e-2 if name == "auto" or kernel_info(name).exact else 5e-2
+        assert rel < bound, (name, rel.item())
 
 
 def test_single_rank_ulysses_is_the_local_kernel():

@@ -153,3 +153,35 @@ def test_impossible_layouts_raise(checkpoint):
     # a shard loaded for 2 ranks cannot run in a 1-rank job, nor as dp
     with pytest.raises(ValueError, match=r"holds the tensor-parallel shard .* mode='dp'"):
         parallelize_t5(T5Encoder.from_pretrained(path, shard=T5Shard(1, 2)), None, "dp")
+
+
+def _nccl_order(rank: int, world: int, path: str, mode: str):
+    """The runner's order on a GPU job: load on the host, lay out, then the placement moves it.
+
+    Laying out must not look at where the weights are (the placement has not moved them yet); a
+    forward on host weights through an NCCL group must be a clear error, not an NCCL crash. The
+    group's backend is reported as nccl (gloo underneath), since this runs without GPUs.
+    """
+    import torch.distributed as dist
+
+    from lightx2v_sp.distributed import ParallelDims
+    from lightx2v_sp.models.t5 import load_parallel_t5
+
+    real = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl"
+    try:
+        enc = load_parallel_t5(path, ParallelDims(ulysses_degree=world), mode)  # used to raise here
+    finally:
+        dist.get_backend = real
+    ids, mask = case_inputs("two_prompts")
+    try:
+        enc(ids, mask)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("mode", ["tp", "dp"])
+def test_layout_before_placement_on_nccl(checkpoint, mode):
+    for message in run_on_ranks(_nccl_order, 2, checkpoint[0], mode):
+        assert message is not None and f"text_encoder.parallel={mode}" in message and "runs on cpu" in message

@@ -1,43 +1,105 @@
 """Local attention kernels, registered by name. Layout everywhere: [B, S, H, D], non-causal.
 
-`sdpa` is always there (PyTorch picks flash / cuDNN / efficient / math inside). `flash_attn`
-(v3 `flash_attn_interface` on Hopper, else v2 `flash_attn`) and `sage` register when their
-packages import. `auto` picks the best one that accepts the inputs and logs its choice once.
+Every kernel is registered with a `supports(device, dtype, head_dim)` predicate and an `exact`
+flag. `sdpa` (and `sdpa_*`, which pin one of PyTorch's implementations) is always there. The
+optional packages register only when the function we call exists and accepts the device:
+
+- `flash_attn4`: FlashAttention-4 (`flash_attn.cute.flash_attn_func`, CuTe DSL; sm80-sm120)
+- `flash_attn3`: FlashAttention-3 (`flash_attn_interface.flash_attn_func`; Hopper only)
+- `flash_attn2`: FlashAttention-2 (`flash_attn.flash_attn_func`; sm80+). Installing FA4 alone
+  creates a `flash_attn` namespace package without `flash_attn_func`, which must not register.
+- `flash_attn`: the best installed FlashAttention for the device (4, 3, then 2).
+- `sage`: SageAttention, int8/fp8 quantized, so **lossy**: it runs only when named.
+
+`auto` picks the first exact kernel of a fixed preference for the GPU generation (AUTO_PREFERENCE)
+that is installed and accepts the inputs, logs the choice once and reports it through
+`resolve_backend`. External kernels are wrapped as opaque `torch.library` custom ops with a fake
+implementation, so `torch.compile` (model.compile) keeps them in the graph without tracing them.
 """
 from __future__ import annotations
 
 import importlib
 import logging
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Supports = Callable[[torch.device, torch.dtype, int], bool]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    fn: KernelFn
+    supports: Supports
+    exact: bool = True     # False: an approximation (quantized); `auto` never picks it
+    source: str = "torch"  # the package it comes from, for logs and the run summary
+
+
 _KERNELS: dict[str, Kernel] = {}
-_SUPPORTS: dict[str, Callable[[torch.Tensor], bool]] = {}
-_AUTO_ORDER = ("flash_attn", "sage", "sdpa")
 _auto_choice: dict[tuple, str] = {}
 
+# `auto`, by GPU generation (compute capability major): FlashAttention-4 measured fastest on the
+# H100 (BENCHMARKS.md), then FA3, cuDNN SDPA, FA2, plain SDPA. Exact kernels only.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "hopper_blackwell": ("flash_attn4", "flash_attn3", "sdpa_cudnn", "flash_attn2", "sdpa"),
+    "ampere_ada": ("flash_attn2", "flash_attn4", "sdpa"),
+    "other": ("sdpa",),
+}
 
-def register_backend(name: str, kernel: Kernel, supports: Callable[[torch.Tensor], bool] = lambda q: True) -> None:
-    _KERNELS[name] = kernel
-    _SUPPORTS[name] = supports
+INSTALL_HINTS = {
+    "flash_attn4": "pip install flash-attn-4 (CUDA sm80+)",
+    "flash_attn3": "build FlashAttention-3 from its hopper/ directory (sm90 only)",
+    "flash_attn2": "pip install flash-attn (CUDA sm80+)",
+    "flash_attn": "pip install flash-attn-4, or flash-attn (CUDA only)",
+    "sage": "pip install sageattention (CUDA only; lossy, opt-in)",
+}
+
+
+def register_backend(name: str, kernel: KernelFn, supports: Optional[Supports] = None, *, exact: bool = True,
+                     source: str = "user") -> None:
+    """Add (or replace) a kernel. `supports(device, dtype, head_dim)` defaults to everything."""
+    _KERNELS[name] = Kernel(name, kernel, supports or (lambda device, dtype, head_dim: True), exact, source)
+    _auto_choice.clear()
+
+
+def unregister_backend(name: str) -> None:
+    _KERNELS.pop(name, None)
+    _auto_choice.clear()
 
 
 def available_backends() -> list[str]:
     return sorted(_KERNELS)
 
 
+def kernel_info(name: str) -> Kernel:
+    return _KERNELS[name]
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _half_on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def generation(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "other"
+    major = _capability(device)[0]
+    return "hopper_blackwell" if major >= 9 else "ampere_ada" if major == 8 else "other"
+
+
 def _sdpa(q, k, v):
     # [B, S, H, D] -> [B, H, S, D] views; SDPA takes strided inputs.
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
-
-
-register_backend("sdpa", _sdpa)
 
 
 def _sdpa_pinned(backend):
@@ -50,85 +112,133 @@ def _sdpa_pinned(backend):
     return kernel
 
 
-def _register_sdpa_variants() -> None:
+def _register_sdpa() -> None:
+    register_backend("sdpa", _sdpa, source="torch")
     try:
         from torch.nn.attention import SDPBackend
     except ImportError:  # older torch: plain sdpa only
         return
-    for name, member, supports in (("sdpa_cudnn", "CUDNN_ATTENTION", lambda q: _half_on_cuda(q)),
-                                   ("sdpa_flash", "FLASH_ATTENTION", lambda q: _half_on_cuda(q)),
-                                   ("sdpa_efficient", "EFFICIENT_ATTENTION", lambda q: q.is_cuda),
-                                   ("sdpa_math", "MATH", lambda q: True)):
+    half = lambda device, dtype, head_dim: _half_on_cuda(device, dtype)  # noqa: E731
+    for name, member, supports in (("sdpa_cudnn", "CUDNN_ATTENTION", half),
+                                   ("sdpa_flash", "FLASH_ATTENTION", half),
+                                   ("sdpa_efficient", "EFFICIENT_ATTENTION", lambda d, t, h: d.type == "cuda"),
+                                   ("sdpa_math", "MATH", None)):
         if hasattr(SDPBackend, member):
-            register_backend(name, _sdpa_pinned(getattr(SDPBackend, member)), supports)
+            register_backend(name, _sdpa_pinned(getattr(SDPBackend, member)), supports, source="torch")
 
 
-def _half_on_cuda(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+_OPAQUE_IMPLS: dict[str, KernelFn] = {}
+_OPAQUE_OPS: dict[str, KernelFn] = {}
 
 
-def _try_register_flash() -> None:
-    try:  # FlashAttention-3 (Hopper)
-        fa3 = importlib.import_module("flash_attn_interface")
+def _opaque(name: str, call: KernelFn) -> KernelFn:
+    """`call` as a torch.library custom op: eager runs it as is; dynamo sees one node with a fake.
 
-        def _fa3(q, k, v):
-            out = fa3.flash_attn_func(q, k, v)
-            return out[0] if isinstance(out, tuple) else out
+    The op is defined once per name (torch.library refuses a second definition); re-discovery
+    only swaps the implementation it dispatches to.
+    """
+    _OPAQUE_IMPLS[name] = call
+    if name not in _OPAQUE_OPS:
+        def impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return _OPAQUE_IMPLS[name](q, k, v).contiguous()
 
-        def _hopper(q):
-            return _half_on_cuda(q) and torch.cuda.get_device_capability(q.device)[0] == 9
+        op = torch.library.custom_op(f"lightx2v_sp::{name}", impl, mutates_args=())
+        op.register_fake(lambda q, k, v: q.new_empty(q.shape))
+        _OPAQUE_OPS[name] = op
+    return _OPAQUE_OPS[name]
 
-        register_backend("flash_attn3", _fa3, _hopper)
-    except Exception:  # noqa: BLE001 - optional dependency, absent or broken build
-        pass
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _module_function(module: str, function: str):
+    """`module.function` if both exist, else None (a namespace package has no function)."""
     try:
-        fa2 = importlib.import_module("flash_attn")
-        register_backend("flash_attn2", lambda q, k, v: fa2.flash_attn_func(q, k, v), _half_on_cuda)
-    except Exception:  # noqa: BLE001
-        pass
-    versions = [n for n in ("flash_attn3", "flash_attn2") if n in _KERNELS]
-    if versions:
-        def _flash(q, k, v):
-            return next(_KERNELS[n] for n in versions if _SUPPORTS[n](q))(q, k, v)
-
-        register_backend("flash_attn", _flash, lambda q: any(_SUPPORTS[n](q) for n in versions))
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - absent, or a build that fails to import
+        return None
+    fn = getattr(mod, function, None)
+    return fn if callable(fn) else None
 
 
-def _try_register_sage() -> None:
-    try:
-        sage = importlib.import_module("sageattention")
-    except Exception:  # noqa: BLE001
+def _flash_supports(majors: tuple[int, ...]) -> Supports:
+    def supports(device, dtype, head_dim):
+        return (_half_on_cuda(device, dtype) and _capability(device)[0] in majors
+                and head_dim % 8 == 0 and head_dim <= 256)
+    return supports
+
+
+def _register_flash() -> None:
+    found = []
+    for name, module, majors in (("flash_attn4", "flash_attn.cute", (8, 9, 10, 11, 12)),
+                                 ("flash_attn3", "flash_attn_interface", (9,)),
+                                 ("flash_attn2", "flash_attn", (8, 9, 10, 11, 12))):
+        fn = _module_function(module, "flash_attn_func")
+        if fn is None:
+            continue
+        register_backend(name, _opaque(name, lambda q, k, v, fn=fn: _first(fn(q, k, v))), _flash_supports(majors),
+                         source=module)
+        found.append(name)
+    if found:
+        def best(device, dtype, head_dim):
+            return next((n for n in found if _KERNELS[n].supports(device, dtype, head_dim)), None)
+
+        def flash(q, k, v):
+            return _KERNELS[best(q.device, q.dtype, q.shape[-1])].fn(q, k, v)
+
+        register_backend("flash_attn", flash, lambda d, t, h: best(d, t, h) is not None, source="flash_attn")
+
+
+def _register_sage() -> None:
+    fn = _module_function("sageattention", "sageattn")
+    if fn is None:
         return
-    register_backend("sage", lambda q, k, v: sage.sageattn(q, k, v, tensor_layout="NHD", is_causal=False),
-                     _half_on_cuda)
+    register_backend("sage", _opaque("sage", lambda q, k, v: fn(q, k, v, tensor_layout="NHD", is_causal=False)),
+                     lambda d, t, h: _half_on_cuda(d, t), exact=False, source="sageattention")
 
 
-_register_sdpa_variants()
-_try_register_flash()
-_try_register_sage()
+def discover() -> None:
+    """(Re)build the registry from what is importable now (tests call it after faking packages)."""
+    for name in [n for n, k in _KERNELS.items() if k.source != "user"]:
+        unregister_backend(name)
+    _register_sdpa()
+    _register_flash()
+    _register_sage()
 
 
-def get_backend(name: str, q: torch.Tensor) -> Kernel:
-    """The kernel called `name` (or the `auto` pick for tensors like `q`)."""
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128) -> str:
+    """The registered kernel that `name` runs as for such inputs (`auto` resolved), or a ValueError."""
+    device = torch.device(device)
     if name == "auto":
-        key = (q.device.type, q.dtype)
+        key = (device.type, device.index, dtype, head_dim)
         choice = _auto_choice.get(key)
         if choice is None:
-            choice = next(n for n in _AUTO_ORDER if n in _KERNELS and _SUPPORTS[n](q))
+            order = AUTO_PREFERENCE[generation(device)]
+            choice = next(n for n in order + ("sdpa",)
+                          if n in _KERNELS and _KERNELS[n].exact and _KERNELS[n].supports(device, dtype, head_dim))
             _auto_choice[key] = choice
-            logger.info("attention backend auto -> %s for %s %s", choice, q.device.type, q.dtype)
-        return _KERNELS[choice]
+            logger.info("attention backend auto -> %s (%s; %s %s, head_dim %d)", choice, _KERNELS[choice].source,
+                        device, dtype, head_dim)
+        return choice
     if name not in _KERNELS:
-        known = {"flash_attn": "pip install flash-attn (CUDA only)", "sage": "pip install sageattention (CUDA only)"}
-        hint = f"; {known[name]}" if name in known else ""
+        hint = f"; {INSTALL_HINTS[name]}" if name in INSTALL_HINTS else ""
         raise ValueError(f"attention backend {name!r} is not available here (available: "
                          f"{['auto'] + available_backends()}){hint}")
-    if not _SUPPORTS[name](q):
-        raise ValueError(f"attention backend {name!r} cannot run {q.dtype} tensors on {q.device}; "
-                         f"use backend=auto or sdpa")
-    return _KERNELS[name]
+    if not _KERNELS[name].supports(device, dtype, head_dim):
+        raise ValueError(f"attention backend {name!r} cannot run {dtype} tensors with head_dim {head_dim} on "
+                         f"{device}; use attention.backend=auto or sdpa")
+    return name
+
+
+def get_backend(name: str, q: torch.Tensor) -> KernelFn:
+    """The kernel called `name` (or the `auto` pick for tensors like `q`)."""
+    return _KERNELS[resolve_backend(name, q.device, q.dtype, q.shape[-1])].fn
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Full (non-causal) attention of one rank's tensors: [B, S, H, D] in, [B, S, H, D] out."""
     return get_backend(backend, q)(q, k, v)
+
+
+discover()

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from lightx2v_sp.attention import resolve_backend
 from lightx2v_sp.config import to_dict
 from lightx2v_sp.distributed import CommStats, ParallelDims
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
@@ -129,6 +130,9 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
             return model, vae
         model, vae = agreed("loading the DiT", load)
         offload = install_parallel(model, cfg, dims, device)
+        head_dim = model.config.dim // model.config.num_heads
+        attention_kernel = agreed("choosing the attention kernel",
+                                  lambda: resolve_backend(cfg.attention.backend, device, dtype, head_dim))
 
     s = cfg.sample
     shape = latent_shape(model.config.in_dim, s.num_frames, s.height, s.width)
@@ -158,6 +162,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.video = video if keep_video else None
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path)
+        result.summary["layout"]["attention_kernel"] = attention_kernel
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
         write_json(result.summary, summary_path(out_path))
 

@@ -59,6 +59,16 @@ def _pad_to(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def check_encoder_device(enc: T5Encoder, mode: str, backend: str) -> None:
+    """NCCL moves CUDA tensors only. Checked when the encoder runs, not when it is laid out: the
+    runner lays it out on the host and its placement (gpu / swap) moves it to the GPU afterwards."""
+    device = enc.norm.weight.device
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"text_encoder.parallel={mode} sends activations through the {backend} group, "
+                         f"but the encoder runs on {device}; use text_encoder.parallel=replicate for a CPU "
+                         "encoder, text_encoder.device=gpu or swap, or pass a gloo group")
+
+
 class ReplicatePlan:
     mode = "replicate"
 
@@ -74,8 +84,10 @@ class DataParallelPlan:
 
     def __init__(self, group, size: int, rank: int):
         self.group, self.size, self.rank = group, size, rank
+        self.backend = str(dist.get_backend(group))
 
     def __call__(self, enc: T5Encoder, input_ids, attention_mask=None) -> torch.Tensor:
+        check_encoder_device(enc, self.mode, self.backend)
         ids, mask, _ = _prepare(input_ids, attention_mask)
         real = mask.ne(0)
         rows = split_sizes(ids.shape[0], self.size)
@@ -104,6 +116,7 @@ class TensorParallelPlan:
 
     def __init__(self, group, size: int, rank: int):
         self.group, self.size, self.rank = group, size, rank
+        self.backend = str(dist.get_backend(group))
 
     def _embed(self, enc: T5Encoder, flat_ids: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: [T] ids -> [T, d] with this rank's rows, zeros for the others'."""
@@ -116,6 +129,7 @@ class TensorParallelPlan:
         return emb.masked_fill(~here[:, None], 0)
 
     def __call__(self, enc: T5Encoder, input_ids, attention_mask=None) -> torch.Tensor:
+        check_encoder_device(enc, self.mode, self.backend)
         ids, mask, keep = _prepare(input_ids, attention_mask)
         ids_k, mask_k = ids[:, :keep], mask[:, :keep]
         b, length = ids_k.shape
@@ -172,13 +186,6 @@ def parallelize_t5(enc: T5Encoder, dims, mode: str = "replicate", group=None) ->
         raise ValueError(f"this encoder holds the tensor-parallel shard {enc.shard}, which cannot run as "
                          f"mode={mode!r} on rank {rank} of {size}; load it without a shard, or with "
                          f"T5Shard({rank}, {size}) for tp")
-    if mode != "replicate" and size > 1:
-        device = enc.norm.weight.device
-        backend = str(dist.get_backend(group))
-        if backend == "nccl" and device.type != "cuda":
-            raise ValueError(f"text_encoder.parallel={mode} sends activations through the {backend} group, "
-                             f"but the encoder is on {device}; use parallel=replicate for a CPU encoder, "
-                             "or pass a gloo group")
     if mode == "replicate" or size == 1:
         enc.parallel_forward = ReplicatePlan()
     elif mode == "dp":
