@@ -22,7 +22,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "sentencepiece", "tokenizers"],
-        "flash": ["flash-attn>=2.5"],
+        # FlashAttention-4 (CuTe DSL, prebuilt, CUDA sm80-sm120; measured on sm90) is `auto`'s first pick.
+        "flash": ["flash-attn-4>=4.0.0b36"],
+        # FlashAttention-2 compiles against the local CUDA toolkit; for GPUs FA4 does not serve.
+        "flash2": ["flash-attn>=2.5"],
         "dev": ["pytest>=7", "sentencepiece", "tokenizers", "matplotlib", "ruff"],
     },
 )
