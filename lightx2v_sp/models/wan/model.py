@@ -144,6 +144,25 @@ class CrossAttention(nn.Module):
         return self.o(self.attn_fn(q, k, v).flatten(2))
 
 
+class FeedForward(nn.Sequential):
+    """Linear -> GELU (tanh) -> Linear, with Wan's parameter names (ffn.0, ffn.2).
+
+    On CUDA in half precision the GELU runs in the first GEMM's epilogue (cuBLASLt, on the fp32
+    accumulator, before the one rounding to the compute dtype), which saves a read and a write of
+    the [S, ffn_dim] activation: the largest tensor of a block.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, act, fc2 = self
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and fc1.bias is not None:
+            h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
+            return fc2(h.view(*x.shape[:-1], h.shape[-1]))
+        return fc2(act(fc1(x)))
+
+
 class WanBlock(nn.Module):
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -152,8 +171,7 @@ class WanBlock(nn.Module):
         self.self_attn = SelfAttention(dim, config.num_heads, eps, config.qk_norm)
         self.norm3 = nn.LayerNorm(dim, eps=eps) if config.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(dim, config.num_heads, eps, config.qk_norm)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
-                                 nn.Linear(config.ffn_dim, dim))
+        self.ffn = FeedForward(dim, config.ffn_dim)
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, e0, context, rope):
