@@ -111,3 +111,36 @@ def test_every_config_choice_is_a_backend_name():
     assert set(BACKEND_CHOICES) <= known
     for name in BACKEND_CHOICES:
         assert load_config(None, [f"attention.backend={name}"]).attention.backend == name
+
+
+def _strides_seen(rank: int, world: int, fuse: bool):
+    from lightx2v_sp.attention import ulysses_attention
+    from lightx2v_sp.distributed import ParallelDims
+
+    seen = []
+
+    def recorder(q, k, v):
+        seen.append([(t.is_contiguous(), t.stride()) for t in (q, k, v)])
+        return backends._sdpa(q, k, v)
+
+    backends.register_backend("recorder", recorder)
+    dims = ParallelDims(ulysses_degree=world)
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 5, 4, 8, generator=g) for _ in range(3))
+    ulysses_attention(q, k, v, group=dims.sp_group, seq_sizes=[5] * world, fuse_qkv=fuse, backend="recorder")
+    return seen
+
+
+def test_kernel_gets_the_exchange_buffers_as_views():
+    # After the Ulysses exchange q, k, v are strided views into the receive buffer; we hand them to
+    # the kernel as they are (FlashAttention and SDPA take any layout with a unit last stride and
+    # copy only what they refuse), instead of copying each to a contiguous tensor first.
+    from lightx2v_sp.testing import run_on_ranks
+
+    for fuse in (True, False):
+        for seen in run_on_ranks(_strides_seen, 2, fuse):
+            (call,) = seen
+            for contiguous, stride in call:
+                # token stride of the receive buffer [S, m, B, Hp, D]: m * B * Hp * D, m = 3 fused
+                assert stride[-1] == 1 and stride[1] == (48 if fuse else 16)
+                assert contiguous is not fuse  # fused: interleaved q|k|v rows, passed as they are
