@@ -290,17 +290,14 @@ def _worker_t5(args, device) -> int:
             want = ref(ids.to(device), mask.to(device)).float()
         for mode in ("tp", "dp"):
             for symm in (False, True):
-                enc = load_parallel_t5(path, dims, mode, dtype=dtype).to(device)
-                try:
-                    active = symmetric_memory.configure(symm, dims.world_group)
-                    start = time.perf_counter()
-                    with torch.no_grad():
-                        got = enc(ids.to(device), mask.to(device)).float()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    seconds = time.perf_counter() - start
-                finally:
-                    symmetric_memory.configure(False)
+                enc = load_parallel_t5(path, dims, mode, dtype=dtype, symmetric_memory=symm).to(device)
+                active = enc.parallel_forward.symmetric
+                start = time.perf_counter()
+                with torch.no_grad():
+                    got = enc(ids.to(device), mask.to(device)).float()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
                 note = "symmetric memory " + ("on" if symm else "off")
                 if symm and not active:
                     note += f" (unavailable: {symmetric_memory.unavailable_reason(dims.world_group)})"

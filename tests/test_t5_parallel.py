@@ -69,8 +69,8 @@ def _ranks(rank: int, world: int, path: str):
     gathered_shapes = []
     real_all_gather_v = parallelize.all_gather_v
 
-    def spy(x, dim, sizes, group):
-        out = real_all_gather_v(x, dim, sizes, group)
+    def spy(x, dim, sizes, group, symmetric=False):
+        out = real_all_gather_v(x, dim, sizes, group, symmetric)
         gathered_shapes.append(tuple(out.shape))
         return out
 
@@ -185,3 +185,22 @@ def _nccl_order(rank: int, world: int, path: str, mode: str):
 def test_layout_before_placement_on_nccl(checkpoint, mode):
     for message in run_on_ranks(_nccl_order, 2, checkpoint[0], mode):
         assert message is not None and f"text_encoder.parallel={mode}" in message and "runs on cpu" in message
+
+
+def _dp_in_cfg_job(rank: int, world: int, path: str):
+    """cfg 2 x ulysses 1: the Ulysses group is None (this process), the encoder spans the job."""
+    from lightx2v_sp.distributed import ParallelDims
+    from lightx2v_sp.models.t5 import load_parallel_t5
+
+    dims = ParallelDims(ulysses_degree=1, cfg_degree=2)
+    enc = load_parallel_t5(path, dims, "dp")
+    ids, mask = case_inputs("three_prompts")
+    with torch.no_grad():
+        return dims.sp_group is None, enc.parallel_forward.size, enc(ids, mask)
+
+
+def test_dp_gather_in_a_cfg_parallel_job(checkpoint):
+    path, refs = checkpoint
+    for sp_none, size, out in run_on_ranks(_dp_in_cfg_job, 2, path):
+        assert sp_none and size == 2  # split over both ranks of the job, not over the (absent) sp group
+        assert (out - refs["three_prompts"]).abs().max() < ATOL

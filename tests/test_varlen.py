@@ -37,9 +37,11 @@ def _varlen_ranks(rank: int, world: int):
     from lightx2v_sp.distributed.comm_stats import CommStats
     from lightx2v_sp.distributed.varlen import all_gather_v, reduce_scatter_v
 
-    # the switch is off: no call may reach the symmetric-memory allocator
+    # symmetric=False: no call may reach the symmetric-memory allocator
     def forbidden(*args, **kwargs):
         raise AssertionError("symmetric memory touched while comm.symmetric_memory is off")
+
+    world_group = dist.group.WORLD  # group=None would be this process alone (groups.py)
 
     symm.empty = forbidden
     out = {}
@@ -55,25 +57,24 @@ def _varlen_ranks(rank: int, world: int):
                 key = (name, str(dtype), fallback)
                 # gather along dim 1 of [2, S_r, 3]: the moved-dim path
                 mine = _rank_tensor(1, rank, (2, sizes[rank], 3), dtype)
-                gathered = all_gather_v(mine, 1, sizes, None)
+                gathered = all_gather_v(mine, 1, sizes, world_group)
                 # reduce-scatter of full-length partial sums along dim 0 of [S, 5]
                 partial = _rank_tensor(2, rank, (sum(sizes), 5), dtype)
-                scattered = reduce_scatter_v(partial, 0, sizes, None)
+                scattered = reduce_scatter_v(partial, 0, sizes, world_group)
                 out[key] = (gathered, scattered)
-    # with the switch asked on, gloo on CPU cannot honour it: a warning, and it stays off
+    # asked for on gloo on CPU, it cannot be honoured: a warning, and the collectives stay ordinary
     symm.empty = forbidden
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        active = symm.configure(True, None)
-        again = symm.configure(True, None)
+        active = symm.activate(world_group)
+        again = symm.activate(world_group)
     warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     sizes = [3, 1, 2][:world]
-    after = all_gather_v(_rank_tensor(3, rank, (sizes[rank], 2)), 0, sizes, None)
-    symm.configure(False)
+    after = all_gather_v(_rank_tensor(3, rank, (sizes[rank], 2)), 0, sizes, world_group, active)
     with pytest.raises(ValueError, match="sizes"):
-        all_gather_v(torch.zeros(2, 2), 0, [2] * (world + 1), None)
+        all_gather_v(torch.zeros(2, 2), 0, [2] * (world + 1), world_group)
     with pytest.raises(ValueError, match="holds 2 rows"):
-        reduce_scatter_v(torch.zeros(2, 2), 0, [2] * world, None)
+        reduce_scatter_v(torch.zeros(2, 2), 0, [2] * world, world_group)
     dist.barrier()
     return {"out": out, "stats": stats.as_dict(), "native": native, "active": (active, again), "warned": warned, "after": after,
             "symm_imported": "torch.distributed._symmetric_memory" in sys.modules}
@@ -118,24 +119,47 @@ def test_all_gather_v_and_reduce_scatter_v(world):
 
 
 def _off_is_free(rank: int, world: int):
-    """Fresh process, switch never touched: collectives must not import torch's symm-mem package."""
+    """Fresh process, never asked for: collectives must not import torch's symm-mem package."""
+    import torch.distributed as dist
+
     from lightx2v_sp.distributed import symmetric_memory as symm
     from lightx2v_sp.distributed.varlen import all_gather_v, reduce_scatter_v
 
     before = "torch.distributed._symmetric_memory" in sys.modules
     calls = []
     symm.empty = lambda *a, **k: calls.append(a)
-    all_gather_v(torch.ones(rank + 1, 4), 0, [1, 2], None)
-    all_gather_v(torch.ones(2, 4), 0, [2, 2], None)
-    reduce_scatter_v(torch.ones(4, 4), 0, [2, 2], None)
-    reduce_scatter_v(torch.ones(3, 4), 0, [1, 2], None)
-    return before, "torch.distributed._symmetric_memory" in sys.modules, calls, symm.is_enabled()
+    g = dist.group.WORLD
+    all_gather_v(torch.ones(rank + 1, 4), 0, [1, 2], g)
+    all_gather_v(torch.ones(2, 4), 0, [2, 2], g)
+    reduce_scatter_v(torch.ones(4, 4), 0, [2, 2], g)
+    reduce_scatter_v(torch.ones(3, 4), 0, [1, 2], g)
+    return before, "torch.distributed._symmetric_memory" in sys.modules, calls
 
 
 def test_symmetric_memory_off_touches_nothing():
-    for before, after, calls, enabled in run_on_ranks(_off_is_free, 2):
+    for before, after, calls in run_on_ranks(_off_is_free, 2):
         assert not before and not after  # never imported
-        assert calls == [] and enabled is False
+        assert calls == []
+
+
+def _none_is_this_process(rank: int, world: int):
+    """cfg 2 x ulysses 1: sp_group is None, and None must never mean every rank of the job."""
+    from lightx2v_sp.distributed import ParallelDims
+    from lightx2v_sp.distributed.varlen import all_gather_v, reduce_scatter_v
+
+    dims = ParallelDims(ulysses_degree=1, cfg_degree=2)
+    x = torch.full((rank + 1, 3), float(rank))
+    return (dims.sp_group is None, all_gather_v(x, 0, [rank + 1], dims.sp_group) is x,
+            reduce_scatter_v(x, 0, [rank + 1], dims.sp_group) is x,
+            all_gather_v(x, 0, [1, 2], dims.world_group))
+
+
+def test_group_none_is_this_process_alone():
+    results = run_on_ranks(_none_is_this_process, 2)
+    want = torch.cat([torch.full((1, 3), 0.0), torch.full((2, 3), 1.0)])
+    for sp_none, gather_alone, scatter_alone, over_world in results:
+        assert sp_none and gather_alone and scatter_alone
+        assert torch.equal(over_world, want)
 
 
 def test_single_process_is_identity():

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from .groups import group_size_rank
 from .varlen import all_gather_v
 
 
@@ -13,12 +13,6 @@ def split_sizes(total: int, parts: int) -> list[int]:
         raise ValueError(f"cannot split {total} items into {parts} parts")
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
-def group_size_rank(group) -> tuple[int, int]:
-    if group is None:
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
 
 
 def shard_sequence(x: torch.Tensor, dim: int = 1, group=None) -> tuple[torch.Tensor, list[int]]:

@@ -12,8 +12,9 @@ Backends: equal sizes use the single-buffer collectives (`all_gather_into_tensor
 `all_to_all_single` in which every rank sends its slice to every rank fills the buffer instead. Unequal reduce-scatter is one `all_to_all_single` with
 split sizes plus a local sum, on any backend.
 
-With `comm.symmetric_memory` on (see symmetric_memory.py) the buffers these functions allocate come
-from NCCL symmetric memory and both collectives run in place; off, that costs one boolean check.
+With `symmetric=True` (comm.symmetric_memory, see symmetric_memory.py) the buffers these functions
+allocate come from NCCL symmetric memory and both collectives run in place; off, that costs one
+boolean check. `group=None` is this process alone (groups.py): the call returns its input.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from . import symmetric_memory as _symm
+from . import symmetric_memory
 from .comm_stats import record_comm
+from .groups import group_size_rank
 
 # torch >= 2.13 renames the single-buffer collectives; older releases only have the old names
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -32,12 +34,6 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 # backend name -> whether it implements the equal-size single-buffer collectives (probed once)
 _TENSOR_COLLECTIVES: dict[str, bool] = {"nccl": True}
-
-
-def _size_rank(group) -> tuple[int, int]:
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _row_bytes(t: torch.Tensor) -> int:
@@ -78,9 +74,9 @@ def _tensor_collective(group, call: Callable[[], None]) -> bool:
     return True
 
 
-def all_gather_v(x: torch.Tensor, dim: int, sizes, group=None) -> torch.Tensor:
+def all_gather_v(x: torch.Tensor, dim: int, sizes, group=None, symmetric: bool = False) -> torch.Tensor:
     """This rank's slice (x.shape[dim] == sizes[rank]) -> the concatenation of all slices along `dim`."""
-    size, rank = _size_rank(group)
+    size, rank = group_size_rank(group)
     if size == 1:
         return x
     sizes = _check_sizes("all_gather_v", sizes, size)
@@ -90,8 +86,8 @@ def all_gather_v(x: torch.Tensor, dim: int, sizes, group=None) -> torch.Tensor:
     moved = x.movedim(dim, 0)
     rest = tuple(moved.shape[1:])
     total = sum(sizes)
-    if _symm._enabled:
-        out = _symm.empty((total, *rest), x.dtype, x.device, group)
+    if symmetric:
+        out = symmetric_memory.empty((total, *rest), x.dtype, x.device, group)
     else:
         out = torch.empty((total, *rest), dtype=x.dtype, device=x.device)
     if total == 0:
@@ -116,9 +112,9 @@ def all_gather_v(x: torch.Tensor, dim: int, sizes, group=None) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-def reduce_scatter_v(x: torch.Tensor, dim: int, sizes, group=None) -> torch.Tensor:
+def reduce_scatter_v(x: torch.Tensor, dim: int, sizes, group=None, symmetric: bool = False) -> torch.Tensor:
     """Partial sums x (x.shape[dim] == sum(sizes)) -> this rank's slice of their sum over ranks."""
-    size, rank = _size_rank(group)
+    size, rank = group_size_rank(group)
     if size == 1:
         return x
     sizes = _check_sizes("reduce_scatter_v", sizes, size)
@@ -132,10 +128,10 @@ def reduce_scatter_v(x: torch.Tensor, dim: int, sizes, group=None) -> torch.Tens
         return moved[:0].movedim(0, dim)
     record_comm("reduce_scatter", (sum(sizes) - mine) * _row_bytes(moved))
     if len(set(sizes)) == 1:
-        if _symm._enabled:
+        if symmetric:
             # stage the partial sums in symmetric memory and reduce in place (NCCL: recvbuff =
             # sendbuff + rank * count), so both buffers of the collective sit in the window
-            send = _symm.empty((sum(sizes), *rest), x.dtype, x.device, group)
+            send = symmetric_memory.empty((sum(sizes), *rest), x.dtype, x.device, group)
             send.copy_(moved)
             out = send[rank * mine:(rank + 1) * mine]
         else:

@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-from lightx2v_sp.distributed import symmetric_memory
 from lightx2v_sp.models.t5 import T5Encoder, T5Shard, load_tokenizer, parallelize_t5, tokenize
 from lightx2v_sp.offload import ComponentPlacement
 
@@ -57,16 +56,11 @@ def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -
         return encoder, ids, mask
 
     encoder, ids, mask = agreed("loading the text encoder", load)
-    symmetric_memory.configure(cfg.comm.symmetric_memory, dims.world_group)
-    parallelize_t5(encoder, dims, mode=te_cfg.parallel)
+    parallelize_t5(encoder, dims, mode=te_cfg.parallel, symmetric_memory=cfg.comm.symmetric_memory)
     placement = ComponentPlacement(encoder, te_cfg.device, device, name="text_encoder")
-    try:
-        with torch.no_grad(), placement.on_device() as enc:
-            run_on = placement.execution_device
-            context = enc(ids.to(run_on), mask.to(run_on)).to(device=device, dtype=dtype)
-    finally:
-        # The switch is for the text-encoder collectives only: the DiT's gathers must not inherit it.
-        symmetric_memory.configure(False)
+    with torch.no_grad(), placement.on_device() as enc:
+        run_on = placement.execution_device
+        context = enc(ids.to(run_on), mask.to(run_on)).to(device=device, dtype=dtype)
     del placement, encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()

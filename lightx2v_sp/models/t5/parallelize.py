@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lightx2v_sp.distributed import symmetric_memory as _symmetric
+from lightx2v_sp.distributed.groups import group_size_rank
 from lightx2v_sp.distributed.sequence import split_sizes
 from lightx2v_sp.distributed.varlen import all_gather_v, reduce_scatter_v
 
@@ -28,12 +30,6 @@ from .model import T5Encoder, padding_bias
 from .shard import T5Shard
 
 MODES = ("replicate", "tp", "dp")
-
-
-def _group_size_rank(group) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _prepare(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -82,8 +78,8 @@ class DataParallelPlan:
 
     mode = "dp"
 
-    def __init__(self, group, size: int, rank: int):
-        self.group, self.size, self.rank = group, size, rank
+    def __init__(self, group, size: int, rank: int, symmetric: bool = False):
+        self.group, self.size, self.rank, self.symmetric = group, size, rank, symmetric
         self.backend = str(dist.get_backend(group))
 
     def __call__(self, enc: T5Encoder, input_ids, attention_mask=None) -> torch.Tensor:
@@ -103,7 +99,7 @@ class DataParallelPlan:
         else:
             mine = torch.empty(0, enc.config.d_model, dtype=weight.dtype, device=weight.device)
         # [T_r, d] real tokens of my prompts -> all_gather_v -> [sum_r T_r, d] (no padding anywhere)
-        gathered = all_gather_v(mine, 0, token_sizes, self.group)
+        gathered = all_gather_v(mine, 0, token_sizes, self.group, self.symmetric)
         out = gathered.new_zeros(*ids.shape, gathered.shape[-1])
         out[real] = gathered
         return out
@@ -114,8 +110,8 @@ class TensorParallelPlan:
 
     mode = "tp"
 
-    def __init__(self, group, size: int, rank: int):
-        self.group, self.size, self.rank = group, size, rank
+    def __init__(self, group, size: int, rank: int, symmetric: bool = False):
+        self.group, self.size, self.rank, self.symmetric = group, size, rank, symmetric
         self.backend = str(dist.get_backend(group))
 
     def _embed(self, enc: T5Encoder, flat_ids: torch.Tensor) -> torch.Tensor:
@@ -135,24 +131,24 @@ class TensorParallelPlan:
         b, length = ids_k.shape
         d = enc.config.d_model
         sizes = split_sizes(b * length, self.size)  # tokens per rank between blocks; any remainder
-        g = self.group
+        g, symm = self.group, self.symmetric
         # exactly one rank holds each token's row, so the sum over ranks is the lookup itself
         # [B*L, d] (zeros off this rank's vocab rows) -> reduce_scatter_v -> [T_r, d]
-        x = reduce_scatter_v(self._embed(enc, ids_k.reshape(-1)), 0, sizes, g)
+        x = reduce_scatter_v(self._embed(enc, ids_k.reshape(-1)), 0, sizes, g, symm)
         buckets = enc.buckets(length, ids.device)
         mask_bias = padding_bias(mask_k, x.dtype)
         for block in enc.blocks:
             # [T_r, d] -> all_gather_v -> [B*L, d]
-            h = all_gather_v(block.norm1(x), 0, sizes, g)
+            h = all_gather_v(block.norm1(x), 0, sizes, g, symm)
             a = block.attn(h.view(b, length, d), buckets, mask_bias)  # partial sums over head shards
             # [B*L, d] partial -> reduce_scatter_v -> [T_r, d] summed
-            x = x + reduce_scatter_v(a.reshape(b * length, d), 0, sizes, g)
+            x = x + reduce_scatter_v(a.reshape(b * length, d), 0, sizes, g, symm)
             # [T_r, d] -> all_gather_v -> [B*L, d]
-            h = all_gather_v(block.norm2(x), 0, sizes, g)
+            h = all_gather_v(block.norm2(x), 0, sizes, g, symm)
             # [B*L, d] partial sums over FFN column shards -> reduce_scatter_v -> [T_r, d]
-            x = x + reduce_scatter_v(block.ffn(h), 0, sizes, g)
+            x = x + reduce_scatter_v(block.ffn(h), 0, sizes, g, symm)
         # [T_r, d] -> all_gather_v -> [B*L, d]
-        out = all_gather_v(enc.norm(x), 0, sizes, g)
+        out = all_gather_v(enc.norm(x), 0, sizes, g, symm)
         return _pad_to(out.view(b, length, d), mask)
 
 
@@ -176,35 +172,44 @@ def shard_encoder(enc: T5Encoder, shard: T5Shard) -> T5Encoder:
     return enc.requires_grad_(False)
 
 
-def parallelize_t5(enc: T5Encoder, dims, mode: str = "replicate", group=None) -> T5Encoder:
-    """Install `mode` on `enc` (in place; also returned). `group` defaults to all ranks of the job."""
+def parallelize_t5(enc: T5Encoder, dims, mode: str = "replicate", group=None,
+                   symmetric_memory: bool = False) -> T5Encoder:
+    """Install `mode` on `enc` (in place; also returned).
+
+    `group`: the ranks that share the work; by default every rank of the job (`dims.world_group`).
+    `symmetric_memory`: allocate the collectives' buffers from NCCL symmetric memory where the
+    build supports it (comm.symmetric_memory); it applies to this encoder's collectives only.
+    """
     if mode not in MODES:
         raise ValueError(f"text encoder parallel mode {mode!r} is not one of {list(MODES)}")
     group = group if group is not None else getattr(dims, "world_group", None)
-    size, rank = _group_size_rank(group)
+    size, rank = group_size_rank(group)
     if enc.shard is not None and (mode != "tp" or enc.shard != T5Shard(rank, size)):
         raise ValueError(f"this encoder holds the tensor-parallel shard {enc.shard}, which cannot run as "
                          f"mode={mode!r} on rank {rank} of {size}; load it without a shard, or with "
                          f"T5Shard({rank}, {size}) for tp")
     if mode == "replicate" or size == 1:
         enc.parallel_forward = ReplicatePlan()
-    elif mode == "dp":
-        enc.parallel_forward = DataParallelPlan(group, size, rank)
+        return enc
+    symmetric = symmetric_memory and _symmetric.activate(group)
+    if mode == "dp":
+        enc.parallel_forward = DataParallelPlan(group, size, rank, symmetric)
     else:
         shard = T5Shard(rank, size)
         shard.check(enc.config)
         if enc.shard is None:
             shard_encoder(enc, shard)
-        enc.parallel_forward = TensorParallelPlan(group, size, rank)
+        enc.parallel_forward = TensorParallelPlan(group, size, rank, symmetric)
     return enc
 
 
-def load_parallel_t5(path, dims, mode: str = "replicate", dtype=None, device="cpu", group=None) -> T5Encoder:
+def load_parallel_t5(path, dims, mode: str = "replicate", dtype=None, device="cpu", group=None,
+                     symmetric_memory: bool = False) -> T5Encoder:
     """Load and lay out in one step; with mode="tp" each rank reads only its own slices from disk."""
     if mode not in MODES:
         raise ValueError(f"text encoder parallel mode {mode!r} is not one of {list(MODES)}")
     group = group if group is not None else getattr(dims, "world_group", None)
-    size, rank = _group_size_rank(group)
+    size, rank = group_size_rank(group)
     shard = T5Shard(rank, size) if mode == "tp" and size > 1 else None
     enc = T5Encoder.from_pretrained(path, dtype=dtype, device=device, shard=shard)
-    return parallelize_t5(enc, dims, mode, group=group)
+    return parallelize_t5(enc, dims, mode, group=group, symmetric_memory=symmetric_memory)
