@@ -132,9 +132,12 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     s = cfg.sample
     shape = latent_shape(model.config.in_dim, s.num_frames, s.height, s.width)
+    denoise_stats: dict = {}
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
-        latents = denoise(model, latents, contexts, cfg, dims, show_progress=progress and rank == 0)
+        latents = denoise(model, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
+                          stats=denoise_stats)
+    lora_summary = getattr(model, "lora_summary", [])
     if offload is not None:
         offload.release_buffers()
     prompt_tokens = contexts.num_tokens
@@ -143,7 +146,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         torch.cuda.empty_cache()
 
     per_rank = all_gather_objects({"comm": {k: v.as_dict() for k, v in stages.comm.items()},
-                                   "peak_memory": stages.memory.as_dict(), "times": dict(stages.times)}, world)
+                                   "peak_memory": stages.memory.as_dict(), "times": dict(stages.times),
+                                   "dit_forwards": denoise_stats["dit_forwards"]}, world)
     result = RunResult(latents=latents.cpu())
 
     def finish():
@@ -159,6 +163,11 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
+        result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
+                                     "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
+                                     "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
+                                             "with sequential CFG, one per rank per step with cfg_degree 2)"}
+        result.summary["lora"] = lora_summary
         write_json(result.summary, summary_path(out_path))
 
     agreed("decoding and writing the video", finish)
