@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
-from lightx2v_sp.models.wan.lora import LoraEntry, merge_lora, select_loras
+from lightx2v_sp.models.wan.lora import LoraEntry, merge_lora, resolve_lora_file, select_loras
 from lightx2v_sp.offload import offload_dit_blocks
 
 from .guidance import guided_prediction
@@ -28,6 +28,12 @@ def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: s
     entries = [LoraEntry(lora_path(e.path, cfg), e.scale, e.expert) for e in select_loras(cfg.lora, expert)]
     model.lora_summary = merge_lora(model, entries, device=device)
     return model
+
+
+def check_loras(cfg) -> None:
+    """Preflight: every lora.path names a readable file (the keys are checked when they are merged)."""
+    for entry in cfg.lora:
+        resolve_lora_file(lora_path(entry.path, cfg))
 
 
 def lora_path(path: str, cfg) -> str:

@@ -24,7 +24,7 @@ from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import ComponentPlacement, StageMemory
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
-from .denoise import denoise, install_parallel, load_dit
+from .denoise import check_loras, denoise, install_parallel, load_dit
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
 from .paths import ModelPaths, model_paths_for
@@ -78,6 +78,7 @@ def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
         check_video_writer()
     check_text_encoder_layout(cfg.text_encoder, device, world)
     paths = model_paths_for(cfg.model)
+    check_loras(cfg)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
     return paths, out
 
