@@ -64,6 +64,25 @@ class _Module:
     keys: list = field(default_factory=list)    # file keys, for error messages
 
 
+@dataclass
+class Delta:
+    """One update to one tensor: coeff * (up @ down), or coeff * diff (down None); formed where it is merged."""
+    key: str
+    coeff: float
+    up: torch.Tensor
+    down: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.up.shape) if self.down is None else (self.up.shape[0], self.down.shape[1])
+
+    def value(self, device) -> torch.Tensor:
+        up = self.up.to(device=device, dtype=torch.float32)
+        if self.down is None:
+            return up * self.coeff
+        return (up @ self.down.to(device=device, dtype=torch.float32)) * self.coeff
+
+
 def select_loras(entries: Iterable, expert: Optional[str]) -> list:
     """Entries meant for `expert` (None: a one-DiT model, which takes only entries without `expert`)."""
     entries = list(entries)
@@ -163,8 +182,8 @@ def _peft_alpha(metadata: Optional[dict], module: str, rank: int) -> float:
 
 
 def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targets, scale: float,
-                source: str) -> list[tuple[str, torch.Tensor]]:
-    """[(target tensor key, fp32 delta already multiplied by `scale`)] for one LoRA file."""
+                source: str) -> list[Delta]:
+    """The updates one LoRA file makes, already multiplied by `scale`, keyed by target tensor name."""
     kohya = _kohya_names(targets)
     modules: dict[str, _Module] = {}
     unknown = []
@@ -181,7 +200,7 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
         m.keys.append(key)
     deltas = []
     for module, m in modules.items():
-        parts = {k: v.float() for k, v in m.parts.items()}
+        parts = m.parts
         found = []
         if "down" in parts or "up" in parts:
             if "down" not in parts or "up" not in parts:
@@ -193,18 +212,18 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
                 raise ValueError(f"LoRA {source}: {module} has down {tuple(down.shape)} and up {tuple(up.shape)}; "
                                  "their ranks differ")
             s = parts["alpha"].item() / rank if "alpha" in parts else _peft_alpha(metadata, module, rank)
-            found.append((f"{module}.weight", (scale * s) * (up @ down)))
+            found.append(Delta(f"{module}.weight", scale * s, up, down))
             if "up_bias" in parts:
-                found.append((f"{module}.bias", (scale * s) * parts["up_bias"]))
+                found.append(Delta(f"{module}.bias", scale * s, parts["up_bias"]))
         elif "alpha" in parts or "up_bias" in parts:
             unknown += m.keys  # an alpha or a lora_B bias without its pair
             continue
         if "diff" in parts:
             weight = f"{module}.weight" if f"{module}.weight" in targets else module  # e.g. blocks.0.modulation
-            found.append((weight, scale * parts["diff"]))
+            found.append(Delta(weight, scale, parts["diff"]))
         if "diff_b" in parts:
-            found.append((f"{module}.bias", scale * parts["diff_b"]))
-        if all(target in targets for target, _ in found):
+            found.append(Delta(f"{module}.bias", scale, parts["diff_b"]))
+        if all(d.key in targets for d in found):
             deltas += found
         else:
             unknown += m.keys
@@ -229,7 +248,7 @@ def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.devic
         return []
     targets = lora_targets(model)
     params = dict(model.named_parameters())
-    by_param: dict[str, list[tuple[int, int, torch.Tensor, str]]] = {}
+    by_param: dict[str, list[tuple[int, int, Delta]]] = {}
     summary = []
     for entry in entries:
         if isinstance(entry.source, dict):
@@ -238,19 +257,19 @@ def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.devic
             source = str(entry.source)
             tensors, metadata = read_lora_file(source)
         deltas = lora_deltas(tensors, metadata, targets, float(entry.scale), source)
-        for key, delta in deltas:
-            name, start, rows = targets[key]
+        for delta in deltas:
+            name, start, rows = targets[delta.key]
             want = (rows, *params[name].shape[1:])
-            if delta.numel() != math.prod(want):
-                raise ValueError(f"LoRA {source}: the update for {key} has shape {tuple(delta.shape)}, the model's "
+            if math.prod(delta.shape) != math.prod(want):
+                raise ValueError(f"LoRA {source}: the update for {delta.key} has shape {delta.shape}, the model's "
                                  f"tensor is {want}; the adapter was trained for a different model size")
-            by_param.setdefault(name, []).append((start, rows, delta.reshape(want), key))
+            by_param.setdefault(name, []).append((start, rows, delta))
         summary.append({"path": source, "scale": float(entry.scale), "expert": entry.expert,
                         "tensors_updated": len(deltas)})
     for name, pieces in by_param.items():
         p = params[name]
         work = p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
-        for start, rows, delta, _ in pieces:
-            work.narrow(0, start, rows).add_(delta.to(work.device))
+        for start, rows, delta in pieces:
+            work.narrow(0, start, rows).add_(delta.value(work.device).reshape(rows, *p.shape[1:]))
         p.copy_(work.to(p.dtype))
     return summary
