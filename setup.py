@@ -21,8 +21,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "sentencepiece", "tokenizers"],
+        # peft: the LoRA tests make adapters with it and diffusers' load_lora_weights needs it
+        # (pip install peft keeps an installed torch: it pulls only accelerate and psutil besides)
+        "test": ["pytest>=7", "sentencepiece", "tokenizers", "peft>=0.17"],
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "sentencepiece", "tokenizers", "matplotlib", "ruff"],
+        "dev": ["pytest>=7", "sentencepiece", "tokenizers", "peft>=0.17", "matplotlib", "ruff"],
     },
 )

@@ -165,3 +165,16 @@ def test_tiny_lora_in_a_distilled_run(tmp_path):
     with pytest.raises(ValueError, match="LoRA file not found"):  # found in preflight, before any loading
         run(load_config(CONFIG, overrides + [f"lora=[{tmp_path}/missing.safetensors]"]), torch.device("cpu"),
             progress=False)
+
+
+@pytest.mark.parametrize("name", ["unipc", "euler"])
+def test_explicit_timesteps_are_shifted_like_the_default_schedule(name):
+    from lightx2v_sp.pipeline.scheduler import make_scheduler
+
+    shift = 5.0
+    sched = make_scheduler(name, 4, shift, timesteps=[1000, 750, 500, 250])
+    s = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    expected = 1000 * shift * s / (1 + (shift - 1) * s)  # 1000, 937.5, 833.3, 625
+    # UniPC keeps integer timesteps (truncated) and starts 1e-6 below sigma 1; Euler keeps floats
+    torch.testing.assert_close(sched.timesteps.double(), expected, atol=1.0, rtol=0)
+    assert float(sched.sigmas[-1]) == 0.0 and len(sched.timesteps) == 4

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 SCHEDULERS = ("unipc", "euler")
 
 
@@ -36,5 +38,6 @@ def make_scheduler(name: str, steps: int, shift: float, num_train_timesteps: int
         sched.set_timesteps(steps, device="cpu")
     else:
         # both schedulers shift custom sigmas with their own shift, as they do the default ones
-        sched.set_timesteps(sigmas=[float(t) / num_train_timesteps for t in timesteps], device="cpu")
+        sigmas = np.asarray(timesteps, dtype=np.float64) / num_train_timesteps  # UniPC needs an array, not a list
+        sched.set_timesteps(sigmas=sigmas, device="cpu")
     return sched
