@@ -227,7 +227,8 @@ def distill_main(args) -> None:
     print(f"| **{label}** (text 2 prompts + 40 steps + decode, no LoRA merge) | **{whole_c:.1f}** | |")
     print(f"| speed-up | {whole_c / whole_d:.1f}x | |")
     print("\nThe VAE decode is measured once (same shapes in both runs). DiT forwards counted by "
-          f"pipeline.denoise: {stats_d['dit_forwards']} (no CFG) and {stats_c['dit_forwards']} (CFG).")
+          f"pipeline.denoise: {stats_d['dit_forwards']} (no CFG) and {stats_c['dit_forwards']} (CFG). Not "
+          "included: reading checkpoints from disk (the weights are random, built on the device).")
 
 
 if __name__ == "__main__":
