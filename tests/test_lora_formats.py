@@ -128,6 +128,9 @@ def test_files_directories_and_experts(tmp_path):
     assert torch.equal(a.blocks[0].self_attn.o.weight, b.blocks[0].self_attn.o.weight)
     with pytest.raises(ValueError, match="LoRA file not found"):
         merge_lora(a, [LoraEntry(str(tmp_path / "nope.safetensors"))])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read LoRA file"):
+        merge_lora(a, [LoraEntry(str(tmp_path / "bad.safetensors"))])
     entries = [LoraEntry("x"), LoraEntry("h", expert="high_noise"), LoraEntry("l", expert="low_noise")]
     assert [e.source for e in select_loras(entries, "low_noise")] == ["x", "l"]
     with pytest.raises(ValueError, match="this model has a single DiT"):

@@ -39,11 +39,10 @@ from safetensors import safe_open
 
 from .keymap import native_pieces
 
-EXPERTS = ("high_noise", "low_noise")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
 _KOHYA_PREFIX = "lora_unet_"
-# longest first: ".lora_B.bias" must win over a bare ".bias"
+# file key endings -> what the tensor is
 _SUFFIXES = ((".lora_A.weight", "down"), (".lora_down.weight", "down"), (".lora_B.weight", "up"),
              (".lora_up.weight", "up"), (".lora_B.bias", "up_bias"), (".alpha", "alpha"),
              (".diff_b", "diff_b"), (".diff", "diff"))
@@ -115,11 +114,14 @@ def read_lora_file(path: str) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
     """(tensors, PEFT adapter metadata or None) of a LoRA file."""
     path = resolve_lora_file(path)
     if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        raw = meta.get("lora_adapter_metadata")
-        return tensors, (json.loads(raw) if raw else None)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            raw = meta.get("lora_adapter_metadata")
+            return tensors, (json.loads(raw) if raw else None)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file is one user error
+            raise ValueError(f"cannot read LoRA file {path!r} as safetensors: {e}") from None
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
@@ -134,7 +136,11 @@ def lora_targets(model) -> dict[str, tuple[str, int, int]]:
     targets = {}
     for name, p in model.named_parameters():
         for layout in ("official", "diffusers"):
-            for key, start, rows in native_pieces(name, p.shape[0], layout):
+            try:
+                pieces = native_pieces(name, p.shape[0], layout)
+            except KeyError:  # a tensor without a diffusers name is still reachable by its official one
+                continue
+            for key, start, rows in pieces:
                 targets[key] = (name, start, rows)
     return targets
 
