@@ -79,8 +79,10 @@ def main() -> None:
     p.add_argument("--cfg-steps", type=int, default=40, help="CFG steps measured with --distill (40: no "
                                                              "extrapolation)")
     args = p.parse_args()
-    if args.distill or args.offload != "none" or args.lora_rank:
+    if args.distill:
         return distill_main(args)
+    if args.offload != "none" or args.lora_rank:
+        p.error("--offload and --lora-rank belong to --distill")
     device, dtype = torch.device(args.device), torch.bfloat16 if args.device == "cuda" else torch.float32
     size = SIZES[args.config]
     tiny = args.config == "tiny"

@@ -11,40 +11,19 @@ import torch
 from tqdm import tqdm
 
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
-from lightx2v_sp.models.wan.lora import LoraEntry, merge_lora, resolve_lora_file, select_loras
 from lightx2v_sp.offload import offload_dit_blocks
 
 from .guidance import guided_prediction
+from .loras import apply_loras
 from .scheduler import make_scheduler
 
 
-def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: str | None = None) -> WanModel:
+def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype) -> WanModel:
     """The DiT on `device`; on the CPU with offload.dit=block (the offload streams its blocks later).
-
-    `cfg.lora` entries (those for `expert` on a two-expert model) are merged here, before
-    install_parallel: block offload pins and streams the merged weights.
-    """
+    `lora:` entries are merged here, before install_parallel lays the weights out."""
     model = WanModel.from_pretrained(path, dtype=dtype, device="cpu" if cfg.offload.dit == "block" else device)
-    entries = [LoraEntry(lora_path(e.path, cfg), e.scale, e.expert) for e in select_loras(cfg.lora, expert)]
-    model.lora_summary = merge_lora(model, entries, device=device)
+    model.lora_summary = apply_loras(model, cfg, device)
     return model
-
-
-def check_loras(cfg) -> None:
-    """Preflight: every lora.path names a readable file (the keys are checked when they are merged)."""
-    for entry in cfg.lora:
-        resolve_lora_file(lora_path(entry.path, cfg))
-
-
-def lora_path(path: str, cfg) -> str:
-    """`tiny` names the embedded tiny model's LoRA (built on first use); anything else is a path."""
-    if path != "tiny":
-        return path
-    if cfg.model.path is not None:
-        raise ValueError(f"lora path 'tiny' is the embedded tiny model's LoRA, but model.path = {cfg.model.path!r}; "
-                         "it only fits the tiny model (model.path: null)")
-    from lightx2v_sp.models.tiny import ensure_tiny_lora
-    return ensure_tiny_lora()
 
 
 def install_parallel(model: WanModel, cfg, dims, device: torch.device):

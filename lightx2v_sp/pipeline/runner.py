@@ -24,8 +24,9 @@ from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import ComponentPlacement, StageMemory
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
-from .denoise import check_loras, denoise, install_parallel, load_dit
+from .denoise import denoise, install_parallel, load_dit
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
+from .loras import check_loras
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
 from .paths import ModelPaths, model_paths_for
 from .text import check_text_encoder_layout, encode_prompts
