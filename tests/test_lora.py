@@ -90,12 +90,17 @@ def test_diffusers_and_kohya_files_match_diffusers(files, tmp_path):
 
 
 def _two_loras_on_ranks(rank, world, files, out):
+    """Ulysses 2 and CFG-parallel 2 in one spawn; the kohya copy of the first LoRA for variety."""
     torch.set_num_threads(1)
-    cfg = load_config(CONFIG, [f"model.path={files['pipe']}", f"sample.steps={STEPS}", "parallel.ulysses_degree=2",
-                               f"output.path={out}/two_rank.mp4",
-                               f"lora=[{{path: {files['a_kohya']}, scale: 0.8}}, {{path: {files['b']}, scale: -1.5}}]"])
-    result = run(cfg, torch.device("cpu"), progress=False, keep_video=True)
-    return our_video(result) if rank == 0 else None
+    videos = []
+    for name, layout in (("ulysses", ["parallel.ulysses_degree=2"]),
+                         ("cfgpar", ["parallel.ulysses_degree=1", "parallel.cfg_degree=2"])):
+        cfg = load_config(CONFIG, [f"model.path={files['pipe']}", f"sample.steps={STEPS}", *layout,
+                                   f"output.path={out}/{name}.mp4", f"lora=[{{path: {files['a_kohya']}, scale: 0.8}}, "
+                                                                    f"{{path: {files['b']}, scale: -1.5}}]"])
+        result = run(cfg, torch.device("cpu"), progress=False, keep_video=True)
+        videos.append(our_video(result) if rank == 0 else None)
+    return videos
 
 
 def test_two_loras_with_scales_one_process_and_two_ranks(files, tmp_path):
@@ -106,10 +111,13 @@ def test_two_loras_with_scales_one_process_and_two_ranks(files, tmp_path):
                                                f"{{path: {files['b']}, scale: -1.5}}]"))
     assert _mean_diff(ours, ref, "two LoRAs, 1 process") < TOL
     assert _mean_diff(one_a, ref, "first LoRA only vs both") > MIN_EFFECT  # the second adapter matters
-    two_rank = run_on_ranks(_two_loras_on_ranks, 2, files, str(tmp_path), timeout=180)[0]
-    assert _mean_diff(two_rank, ref, "two LoRAs, 2 gloo ranks (ulysses 2)") < TOL
-    summary = json.loads((tmp_path / "two_rank.json").read_text())
+    ulysses, cfg_parallel = run_on_ranks(_two_loras_on_ranks, 2, files, str(tmp_path), timeout=180)[0]
+    assert _mean_diff(ulysses, ref, "two LoRAs, 2 gloo ranks, ulysses 2") < TOL
+    assert _mean_diff(cfg_parallel, ref, "two LoRAs, 2 gloo ranks, cfg_degree 2") < TOL
+    summary = json.loads((tmp_path / "ulysses.json").read_text())
     assert [(e["scale"], e["tensors_updated"]) for e in summary["lora"]] == [(0.8, 48), (-1.5, 16)]  # weights + biases
+    # CFG-parallel: one forward per rank per step; sequential CFG would be two
+    assert json.loads((tmp_path / "cfgpar.json").read_text())["denoise"]["dit_forwards_per_rank"] == [STEPS, STEPS]
 
 
 def test_distilled_sampling_one_forward_per_step(files, tmp_path):
