@@ -84,7 +84,8 @@ def test_diffusers_and_kohya_files_match_diffusers(files, tmp_path):
     for name in ("a", "a_kohya"):
         ours = _ours(_cfg(files, tmp_path, name, f"lora=[{{path: {files[name]}}}]"))
         assert _mean_diff(ours, ref, f"ours({name}) vs diffusers") < TOL, name
-    assert _mean_diff(plain, ref, "no LoRA vs diffusers with LoRA") > MIN_EFFECT  # the LoRA matters: the comparison is not vacuous
+    # the LoRA matters: the comparison is not vacuous
+    assert _mean_diff(plain, ref, "no LoRA vs diffusers with LoRA") > MIN_EFFECT
     # diffusers reads the kohya file to the same adapter (a check of the test's own conversion)
     assert _mean_diff(_theirs(files, _cfg(files, tmp_path, "k"), [(files["a_kohya"], 1.0)]), ref) < TOL
 

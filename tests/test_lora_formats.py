@@ -141,7 +141,8 @@ def test_config_forms():
     cfg = load_config(CONFIG, ["lora=[{path: a.safetensors, scale: 0.8}]", "lora.0.scale=0.5", "lora.1.path=b.pt"])
     assert [(e.path, e.scale, e.expert) for e in cfg.lora] == [("a.safetensors", 0.5, None), ("b.pt", 1.0, None)]
     assert [e.path for e in load_config(CONFIG, ["lora=[a.safetensors]"]).lora] == ["a.safetensors"]
-    for bad, match in [(["lora=[{path: a, scal: 1}]"], "Did you mean: 'scale'"), (["lora.1.path=a"], "next one is lora.0"),
+    for bad, match in [(["lora=[{path: a, scal: 1}]"], "Did you mean: 'scale'"),
+                       (["lora.1.path=a"], "next one is lora.0"),
                        (["lora=[{scale: 2}]"], "missing mandatory value: path"),
                        (["lora=[{path: a, expert: mid}]"], "lora.0.expert"),
                        (["sample.timesteps=[1000,500]"], "sample.steps=2"),
