@@ -7,8 +7,8 @@ key (with a "did you mean" hint for typos).
 from __future__ import annotations
 
 import difflib
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 import re
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional, Sequence
 
 from omegaconf import MISSING as REQUIRED
@@ -219,8 +219,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     for i, entry in enumerate(cfg.lora):
         if not entry.path:
             raise ValueError(f"lora.{i}.path is empty; {_LORA_ENTRY}")
-        if entry.expert not in (None, "high_noise", "low_noise"):
-            raise ValueError(f"lora.{i}.expert = {entry.expert!r} is not one of [None, 'high_noise', 'low_noise']")
+        experts = next(f for f in fields(LoraConfig) if f.name == "expert").metadata["choices"]
+        if entry.expert not in experts:
+            raise ValueError(f"lora.{i}.expert = {entry.expert!r} is not one of {list(experts)}")
     return cfg
 
 
@@ -253,10 +254,9 @@ def _apply_lora_index(conf, key: str, value: str):
         if name != "path":
             raise ValueError(f"command line: {key} would add lora entry {index} without a path; give "
                              f"lora.{index}.path first")
-        conf.lora.append(LoraConfig(path=OmegaConf.from_dotlist([f"v={value}"]).v))
-        return conf
-    return OmegaConf.merge(conf, {"lora": [dict(e) if i != index else {**dict(e), name: OmegaConf.from_dotlist(
-        [f"v={value}"]).v} for i, e in enumerate(conf.lora)]})
+        conf.lora.append(LoraConfig(path=value))
+    OmegaConf.update(conf, key, OmegaConf.from_dotlist([f"v={value}"]).v)  # typed: the schema checks the value
+    return conf
 
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:
