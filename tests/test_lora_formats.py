@@ -182,3 +182,28 @@ def test_explicit_timesteps_are_shifted_like_the_default_schedule(name):
     # UniPC keeps integer timesteps (truncated) and starts 1e-6 below sigma 1; Euler keeps floats
     torch.testing.assert_close(sched.timesteps.double(), expected, atol=1.0, rtol=0)
     assert float(sched.sigmas[-1]) == 0.0 and len(sched.timesteps) == 4
+
+
+def test_one_file_for_both_experts():
+    """Wan2.2 A14B: keys under an expert prefix go to that expert only; a one-DiT model refuses them."""
+    down, up = pair(7)
+    sd = {"high_noise_model.blocks.0.self_attn.o.lora_A.weight": down,
+          "high_noise_model.blocks.0.self_attn.o.lora_B.weight": up,
+          "low_noise_model.blocks.1.self_attn.o.lora_A.weight": down,
+          "low_noise_model.blocks.1.self_attn.o.lora_B.weight": up}
+    high, low, base = model(), model(), dict(model().state_dict())
+    assert merge_lora(high, [LoraEntry(sd)], expert="high_noise")[0]["tensors_updated"] == 1
+    assert merge_lora(low, [LoraEntry(sd)], expert="low_noise")[0]["tensors_updated"] == 1
+    changed = {name: [k for k, v in m.state_dict().items() if not torch.equal(v, base[k])]
+               for name, m in (("high", high), ("low", low))}
+    assert changed == {"high": ["blocks.0.self_attn.o.weight"], "low": ["blocks.1.self_attn.o.weight"]}
+    with pytest.raises(ValueError, match="4 key.*belong to an expert of a two-expert model"):
+        merged(sd)
+    # diffusers names: with transformer_2. present, transformer. is the high-noise expert's
+    sd = {k.replace("high_noise_model.blocks.0.self_attn.o", "transformer.blocks.0.attn1.to_out.0")
+           .replace("low_noise_model.blocks.1.self_attn.o", "transformer_2.blocks.1.attn1.to_out.0"): v
+          for k, v in sd.items()}
+    for name, expert in (("high", "high_noise"), ("low", "low_noise")):
+        m = model()
+        merge_lora(m, [LoraEntry(sd)], expert=expert)
+        assert [k for k, v in m.state_dict().items() if not torch.equal(v, base[k])] == changed[name]

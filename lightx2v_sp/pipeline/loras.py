@@ -34,4 +34,4 @@ def check_loras(cfg) -> None:
 def apply_loras(model, cfg, device: torch.device, expert: Optional[str] = None) -> list[dict]:
     """Merge the entries meant for this DiT (the arithmetic on `device`); their summary for the run JSON."""
     entries = [LoraEntry(lora_path(e.path, cfg), e.scale, e.expert) for e in select_loras(cfg.lora, expert)]
-    return merge_lora(model, entries, device=device)
+    return merge_lora(model, entries, device=device, expert=expert)

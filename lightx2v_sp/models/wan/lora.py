@@ -23,7 +23,9 @@ them as plain LoRA would give a different model.
 
 Two-expert models (Wan2.2 A14B): `merge_lora` works on one model; call it once per expert with
 the entries meant for it (`select_loras(entries, "high_noise")` for `transformer`,
-`"low_noise"` for `transformer_2`; an entry without `expert` goes to every expert).
+`"low_noise"` for `transformer_2`; an entry without `expert` goes to every expert) and
+expert=... so that a file holding both experts (keys under high_noise_model. / low_noise_model.
+or transformer_2.) gives each expert its own part.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ from .keymap import native_pieces
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
 _KOHYA_PREFIX = "lora_unet_"
+# one file for both experts of a two-expert model: its keys say which expert they belong to
+_EXPERT_PREFIXES = {"high_noise_model.": "high_noise", "low_noise_model.": "low_noise", "transformer_2.": "low_noise"}
 # file key endings -> what the tensor is
 _SUFFIXES = ((".lora_A.weight", "down"), (".lora_down.weight", "down"), (".lora_B.weight", "up"),
              (".lora_up.weight", "up"), (".lora_B.bias", "up_bias"), (".alpha", "alpha"),
@@ -188,16 +192,28 @@ def _peft_alpha(metadata: Optional[dict], module: str, rank: int) -> float:
 
 
 def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targets, scale: float,
-                source: str) -> list[Delta]:
-    """The updates one LoRA file makes, already multiplied by `scale`, keyed by target tensor name."""
+                source: str, expert: Optional[str] = None) -> list[Delta]:
+    """The updates one LoRA file makes, already multiplied by `scale`, keyed by target tensor name.
+
+    Keys under an expert prefix (high_noise_model., low_noise_model., transformer_2.) are used only
+    when merging into that expert (`expert`); on a one-DiT model (expert None) they match nothing.
+    """
     kohya = _kohya_names(targets)
+    experts = dict(_EXPERT_PREFIXES)
+    if any(k.startswith("transformer_2.") for k in tensors):  # then transformer. is the other expert's
+        experts["transformer."] = "high_noise"
     modules: dict[str, _Module] = {}
     unknown = []
     for key, t in tensors.items():
         if key.endswith(".dora_scale") or "lora_magnitude_vector" in key:
             raise ValueError(f"LoRA {source}: {key!r} is a DoRA tensor; DoRA adapters cannot be merged as plain "
                              "LoRA (the result would be a different model)")
-        split = _split_key(key, kohya)
+        prefix = next((p for p in experts if key.startswith(p)), None)
+        if prefix is not None and expert is not None:
+            if experts[prefix] != expert:
+                continue  # the other expert's part of the file
+            key = key[len(prefix):]
+        split = _split_key(key, kohya) if prefix is None or expert is not None else None
         if split is None:
             unknown.append(key)
             continue
@@ -239,16 +255,21 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
                          "name DiT layers in the official (blocks.0.self_attn.q), diffusers (blocks.0.attn1.to_q) "
                          "or kohya (lora_unet_blocks_0_self_attn_q) layout, as pairs of lora_A/lora_B "
                          "(lora_down/lora_up) weights, optionally with .alpha, .diff, .diff_b; the run would "
-                         "silently miss part of the adapter")
+                         "silently miss part of the adapter" + (
+                             ". Keys under high_noise_model., low_noise_model. or transformer_2. belong to an expert "
+                             "of a two-expert model (Wan2.2 A14B)" if any(k.startswith(tuple(_EXPERT_PREFIXES))
+                                                                         for k in unknown) else ""))
     return deltas
 
 
 @torch.no_grad()
-def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.device] = None) -> list[dict]:
+def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.device] = None,
+               expert: Optional[str] = None) -> list[dict]:
     """Add every entry's deltas to `model`'s weights (in place); a summary per entry.
 
     All deltas for one parameter are summed in fp32 and the sum is rounded once to the parameter's
     dtype. `device`: where the arithmetic runs (e.g. the GPU while the weights sit in host memory).
+    `expert`: which expert of a two-expert model `model` is (None: a one-DiT model).
     """
     if not entries:
         return []
@@ -262,7 +283,7 @@ def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.devic
         else:
             source = str(entry.source)
             tensors, metadata = read_lora_file(source)
-        deltas = lora_deltas(tensors, metadata, targets, float(entry.scale), source)
+        deltas = lora_deltas(tensors, metadata, targets, float(entry.scale), source, expert)
         for delta in deltas:
             name, start, rows = targets[delta.key]
             want = (rows, *params[name].shape[1:])
