@@ -204,7 +204,8 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
         experts["transformer."] = "high_noise"
     modules: dict[str, _Module] = {}
     unknown = []
-    for key, t in tensors.items():
+    for file_key, t in tensors.items():
+        key = file_key
         if key.endswith(".dora_scale") or "lora_magnitude_vector" in key:
             raise ValueError(f"LoRA {source}: {key!r} is a DoRA tensor; DoRA adapters cannot be merged as plain "
                              "LoRA (the result would be a different model)")
@@ -215,11 +216,11 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
             key = key[len(prefix):]
         split = _split_key(key, kohya) if prefix is None or expert is not None else None
         if split is None:
-            unknown.append(key)
+            unknown.append(file_key)
             continue
         m = modules.setdefault(split[0], _Module())
         m.parts[split[1]] = t
-        m.keys.append(key)
+        m.keys.append(file_key)
     deltas = []
     for module, m in modules.items():
         parts = m.parts
