@@ -21,11 +21,13 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "sentencepiece", "tokenizers"],
+        # peft: the LoRA tests make adapters with it and diffusers' load_lora_weights needs it
+        # (pip install peft keeps an installed torch: it pulls only accelerate and psutil besides)
+        "test": ["pytest>=7", "sentencepiece", "tokenizers", "peft>=0.17"],
         # FlashAttention-4 (CuTe DSL, prebuilt, CUDA sm80-sm120; measured on sm90) is `auto`'s first pick.
         "flash": ["flash-attn-4>=4.0.0b36"],
         # FlashAttention-2 compiles against the local CUDA toolkit; for GPUs FA4 does not serve.
         "flash2": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "sentencepiece", "tokenizers", "matplotlib", "ruff"],
+        "dev": ["pytest>=7", "sentencepiece", "tokenizers", "peft>=0.17", "matplotlib", "ruff"],
     },
 )

@@ -7,10 +7,12 @@ key (with a "did you mean" hint for typos).
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING as REQUIRED
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from lightx2v_sp.attention.names import BACKEND_CHOICES
@@ -39,7 +41,11 @@ class SampleConfig:
     steps: int = _f(50, "number of denoising steps")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale; 1.0 disables the unconditional pass")
     shift: float = _f(5.0, "flow-matching timestep shift (Wan: 5.0 at 720p, 3.0 at 480p)")
-    scheduler: str = _f("unipc", "sampler: UniPC in flow mode or flow-match Euler", ["unipc", "euler"])
+    scheduler: str = _f("unipc", "sampler: UniPC in flow mode or flow-match Euler (step-distilled models: euler)",
+                        ["unipc", "euler"])
+    timesteps: Optional[List[float]] = _f(None, "explicit step list in (0, 1000], decreasing, shifted by `shift` "
+                                                "like the default schedule (distilled Wan: [1000, 750, 500, 250]); "
+                                                "its length must equal `steps`; null = `steps` evenly spaced")
     height: int = _f(480, "video height in pixels (multiple of 16)")
     width: int = _f(832, "video width in pixels (multiple of 16)")
     num_frames: int = _f(81, "number of frames (4k + 1)")
@@ -87,6 +93,15 @@ class CommConfig:
 
 
 @dataclass
+class LoraConfig:
+    path: str = _f(REQUIRED, "LoRA file (.safetensors, or a directory holding one): diffusers/PEFT, official/"
+                            "ComfyUI or kohya (lora_unet_) keys; `tiny` = the embedded tiny model's LoRA")
+    scale: float = _f(1.0, "strength: the file's update (after its alpha / rank) is multiplied by this")
+    expert: Optional[str] = _f(None, "two-expert models (Wan2.2 A14B): the expert it applies to; null = every "
+                                     "expert (a one-DiT model accepts only null)", [None, "high_noise", "low_noise"])
+
+
+@dataclass
 class OutputConfig:
     path: str = _f("outputs/video.mp4", "mp4 written by rank 0 (atomically); a .json summary goes next to it")
 
@@ -105,6 +120,10 @@ class RunConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig, metadata={"doc": "CPU offload"})
     comm: CommConfig = field(default_factory=CommConfig, metadata={"doc": "communication settings"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"doc": "where results go"})
+    lora: List[LoraConfig] = field(default_factory=list, metadata={
+        "doc": "LoRA adapters merged into the DiT weights at load, in order: a list of {path, scale, expert}; "
+               "command line: lora='[{path: a.safetensors, scale: 0.8}]', then lora.0.scale=0.5 edits an entry "
+               "and lora.1.path=b.safetensors appends one"})
 
 
 def _leaf_fields(cls, prefix: str = ""):
@@ -147,8 +166,15 @@ def _field_of(key: str):
     return dict(_leaf_fields(RunConfig)).get(key)
 
 
+_LORA_ENTRY = "each lora entry is {path: FILE, scale: FLOAT, expert: null|high_noise|low_noise}"
+_LORA_INDEX = re.compile(r"^lora\.(\d+)\.(\w+)$")
+
+
 def _wrap(err: OmegaConfBaseException, source: str) -> ValueError:
     key = getattr(err, "full_key", None) or ""
+    if str(key).startswith("lora") or getattr(err, "object_type", None) is LoraConfig:
+        msg = (getattr(err, "msg", None) or str(err)).split("\n")[0]
+        return ValueError(f"{source}: invalid lora entry ({key}): {msg}; {_LORA_ENTRY}")
     if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "has no attribute" in str(err):
         return ValueError(f"{source}: unknown config key '{key}'{_did_you_mean(key)}; the run would ignore it")
     if isinstance(err, ValidationError):
@@ -193,7 +219,48 @@ def validate(cfg: RunConfig) -> RunConfig:
     if p.cfg_degree == 2 and s.guidance_scale == 1.0:
         raise ValueError("parallel.cfg_degree=2 needs classifier-free guidance, but sample.guidance_scale=1.0 "
                          "skips the unconditional pass; half of the ranks would idle")
+    _validate_timesteps(s)
+    for i, entry in enumerate(cfg.lora):
+        if not entry.path:
+            raise ValueError(f"lora.{i}.path is empty; {_LORA_ENTRY}")
+        experts = next(f for f in fields(LoraConfig) if f.name == "expert").metadata["choices"]
+        if entry.expert not in experts:
+            raise ValueError(f"lora.{i}.expert = {entry.expert!r} is not one of {list(experts)}")
     return cfg
+
+
+def _validate_timesteps(s: SampleConfig) -> None:
+    if s.timesteps is None:
+        return
+    t = list(s.timesteps)
+    if len(t) != s.steps:
+        raise ValueError(f"sample.timesteps has {len(t)} entries {t} but sample.steps = {s.steps}; set "
+                         f"sample.steps={len(t)} (or drop sample.timesteps): the run would not know which to follow")
+    if any(not 0 < v <= 1000 for v in t) or any(a <= b for a, b in zip(t, t[1:])):
+        raise ValueError(f"sample.timesteps = {t} must be strictly decreasing values in (0, 1000] (1000 = pure "
+                         "noise); the sampler would step backwards or past the end")
+
+
+def _normalize_lora(node) -> None:
+    """`lora: [a.safetensors]` (bare paths) means `lora: [{path: a.safetensors}]`."""
+    if isinstance(node, DictConfig) and isinstance(node.get("lora"), ListConfig):
+        node.lora = [{"path": e} if isinstance(e, str) else e for e in node.lora]
+
+
+def _apply_lora_index(conf, key: str, value: str):
+    """`lora.N.field=value`: edit entry N, or append it when N is the list's length."""
+    m = _LORA_INDEX.match(key)
+    index, name = int(m.group(1)), m.group(2)
+    if index > len(conf.lora):
+        raise ValueError(f"command line: {key}: the lora list has {len(conf.lora)} entries, so the next one is "
+                         f"lora.{len(conf.lora)}; entries are added in order")
+    if index == len(conf.lora):
+        if name != "path":
+            raise ValueError(f"command line: {key} would add lora entry {index} without a path; give "
+                             f"lora.{index}.path first")
+        conf.lora.append(LoraConfig(path=value))
+    OmegaConf.update(conf, key, OmegaConf.from_dotlist([f"v={value}"]).v)  # typed: the schema checks the value
+    return conf
 
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -205,6 +272,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunCo
             if not isinstance(loaded, DictConfig):
                 raise ValueError(f"{path}: the top level of a config must be a mapping of keys, "
                                  f"not a {type(loaded).__name__}")
+            _normalize_lora(loaded)
             conf = OmegaConf.merge(conf, loaded)
         except FileNotFoundError:
             raise ValueError(f"config file not found: {path}") from None
@@ -215,9 +283,15 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunCo
             raise ValueError(f"override '{item}' is not of the form key=value (e.g. parallel.ulysses_degree=2)")
         key = item.split("=", 1)[0]
         try:
-            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist([item]))
+            if _LORA_INDEX.match(key):
+                conf = _apply_lora_index(conf, key, item.split("=", 1)[1])
+                continue
+            override = OmegaConf.from_dotlist([item])
+            _normalize_lora(override)
+            conf = OmegaConf.merge(conf, override)
         except OmegaConfBaseException as err:
-            err.full_key = key  # the whole dotted key, even when omegaconf stops at its first bad part
+            if not key.startswith("lora"):
+                err.full_key = key  # the whole dotted key, even when omegaconf stops at its first bad part
             raise _wrap(err, "command line") from None
     try:
         cfg = OmegaConf.to_object(conf)
@@ -236,5 +310,11 @@ def describe() -> str:
     for key, f in _leaf_fields(RunConfig):
         choices = f.metadata.get("choices")
         extra = f" {list(choices)}" if choices else ""
-        lines.append(f"{key} = {f.default!r}{extra}  # {f.metadata.get('doc', '')}")
+        default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+        lines.append(f"{key} = {default!r}{extra}  # {f.metadata.get('doc', '')}")
+        if key == "lora":
+            for sub in fields(LoraConfig):
+                sub_choices = sub.metadata.get("choices")
+                lines.append(f"lora.N.{sub.name} = {'(required)' if sub.default == REQUIRED else repr(sub.default)}"
+                             f"{f' {list(sub_choices)}' if sub_choices else ''}  # {sub.metadata['doc']}")
     return "\n".join(lines)

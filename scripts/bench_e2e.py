@@ -2,11 +2,17 @@
 
 python scripts/bench_e2e.py --config 1.3b --steps 10        (GPU: Wan2.1-1.3B at 480p, umt5-xxl, Wan VAE)
 python scripts/bench_e2e.py --config tiny --device cpu      (smoke test)
+python scripts/bench_e2e.py --config 14b-480p --offload block --lora-rank 64 --distill
+    (issue 21, 1 GPU: Wan2.1-14B at 480p with DiT block offload and a merged rank-64 LoRA; a whole
+     4-step run without CFG next to a whole 40-step CFG run; --cfg-steps N < 40 measures N CFG steps
+     and extrapolates, labelled as such)
 
 Real model sizes, random weights built directly on the device (no checkpoint files), the
 pipeline's own stages (models/t5, pipeline.denoise with UniPC + guidance, models/vae). Prints
 stage times, seconds per denoising step and peak memory; the 50-step total is extrapolated from
-the measured steps and says so.
+the measured steps and says so. With --distill both runs are whole runs (text + LoRA merge +
+denoise + decode; random weights, so no checkpoint read) and the 40-step one is extrapolated only
+when --cfg-steps is below 40.
 """
 from __future__ import annotations
 
@@ -24,12 +30,29 @@ from lightx2v_sp.models.t5 import T5Config, T5Encoder  # noqa: E402
 from lightx2v_sp.models.vae import WanVAE  # noqa: E402
 from lightx2v_sp.models.wan import WanConfig, WanModel  # noqa: E402
 from lightx2v_sp.offload import StageMemory  # noqa: E402
+from lightx2v_sp.models.wan.lora import LoraEntry, merge_lora  # noqa: E402
+from lightx2v_sp.offload import offload_dit_blocks  # noqa: E402
 from lightx2v_sp.pipeline.denoise import denoise  # noqa: E402
 from lightx2v_sp.pipeline.latents import initial_latents, latent_shape  # noqa: E402
 from lightx2v_sp.pipeline.text import TextContexts  # noqa: E402
 
 SIZES = {"1.3b": dict(height=480, width=832, frames=81), "14b": dict(height=720, width=1280, frames=81),
-         "tiny": dict(height=64, width=64, frames=9)}
+         "14b-480p": dict(height=480, width=832, frames=81), "tiny": dict(height=64, width=64, frames=9)}
+DISTILL_TIMESTEPS = [1000, 750, 500, 250]
+
+
+def random_lora(cfg: WanConfig, rank: int, device) -> dict[str, torch.Tensor]:
+    """A kohya-style LoRA on every linear layer of every block, in host memory as a file's tensors are."""
+    shapes = {f"{a}.{p}": (cfg.dim, cfg.dim) for a in ("self_attn", "cross_attn") for p in "qkvo"}
+    shapes.update({"ffn.0": (cfg.ffn_dim, cfg.dim), "ffn.2": (cfg.dim, cfg.ffn_dim)})
+    out = {}
+    for i in range(cfg.num_layers):
+        for name, (rows, cols) in shapes.items():
+            key = f"diffusion_model.blocks.{i}.{name}"
+            out[f"{key}.lora_down.weight"] = torch.randn(rank, cols, device=device).bfloat16().cpu()
+            out[f"{key}.lora_up.weight"] = (torch.randn(rows, rank, device=device) * 1e-3).bfloat16().cpu()
+            out[f"{key}.alpha"] = torch.tensor(float(rank))
+    return out
 
 
 def on_device(make, device, dtype):
@@ -48,7 +71,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompt-tokens", type=int, default=120, help="real tokens per prompt (of 512)")
+    p.add_argument("--offload", choices=["none", "block"], default="none", help="DiT block offload (offload.dit)")
+    p.add_argument("--lora-rank", type=int, default=0, help="merge a random LoRA of this rank into every block "
+                                                            "linear before offload (0: none)")
+    p.add_argument("--distill", action="store_true", help="whole 4-step run without CFG (euler, timesteps "
+                                                         f"{DISTILL_TIMESTEPS}) next to a whole CFG run")
+    p.add_argument("--cfg-steps", type=int, default=40, help="CFG steps measured with --distill (40: no "
+                                                             "extrapolation)")
     args = p.parse_args()
+    if args.distill:
+        return distill_main(args)
+    if args.offload != "none" or args.lora_rank:
+        p.error("--offload and --lora-rank belong to --distill")
     device, dtype = torch.device(args.device), torch.bfloat16 if args.device == "cuda" else torch.float32
     size = SIZES[args.config]
     tiny = args.config == "tiny"
@@ -107,6 +141,96 @@ def main() -> None:
     total50 = times["text (2 prompts)"] + 50 * per_step + times["VAE decode (fp32)"]
     print(f"| seconds per denoising step (2 DiT forwards) | {per_step:.3f} | |")
     print(f"| 50-step run, extrapolated: text + 50 x step + decode | {total50:.1f} | |")
+
+
+def distill_main(args) -> None:
+    device, dtype = torch.device(args.device), torch.bfloat16 if args.device == "cuda" else torch.float32
+    size = SIZES[args.config]
+    tiny = args.config == "tiny"
+    wan_cfg = WanConfig.named(args.config.split("-")[0])
+    t5_cfg = (T5Config(vocab_size=256, d_model=wan_cfg.text_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=4)
+              if tiny else T5Config.umt5_xxl())
+    common = [f"sample.height={size['height']}", f"sample.width={size['width']}",
+              f"sample.num_frames={size['frames']}", "sample.shift=5.0"]
+    distill_cfg = load_config(None, common + ["sample.steps=4", "sample.guidance_scale=1", "sample.scheduler=euler",
+                                              f"sample.timesteps=[{','.join(map(str, DISTILL_TIMESTEPS))}]"])
+    cfg_cfg = load_config(None, common + [f"sample.steps={args.cfg_steps}", "sample.guidance_scale=5.0"])
+    memory, times = StageMemory(device), {}
+
+    def stage(name, fn):
+        with memory.stage(name):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name] = time.perf_counter() - t0
+        return out
+
+    with torch.no_grad():
+        encoder = on_device(lambda: T5Encoder(t5_cfg), device, dtype).eval()
+        ids = torch.randint(1, t5_cfg.vocab_size, (2, 512), device=device)
+        mask = torch.zeros(2, 512, dtype=torch.long, device=device)
+        mask[:, :args.prompt_tokens] = 1
+        encoder(ids, mask)  # warm-up
+        one = stage("text, 1 prompt (no CFG)", lambda: encoder(ids[:1], mask[:1]))
+        two = stage("text, 2 prompts (CFG)", lambda: encoder(ids, mask))
+        del encoder
+        model = on_device(lambda: WanModel(wan_cfg), device, dtype).set_dtype(dtype).eval()
+        if args.lora_rank:
+            lora = random_lora(wan_cfg, args.lora_rank, device)
+            summary = stage(f"LoRA merge (rank {args.lora_rank}, {len(lora) // 3} linears)",
+                            lambda: merge_lora(model, [LoraEntry(lora, 1.0)], device=device))
+            assert summary[0]["tensors_updated"] == len(lora) // 3
+            del lora
+        if args.offload == "block":
+            stage("block offload install (pin)", lambda: offload_dit_blocks(model, device))
+        shape = latent_shape(wan_cfg.in_dim, size["frames"], size["height"], size["width"])
+        latents = initial_latents(0, shape, device)
+        dims = ParallelDims()
+        ctx1 = TextContexts(cond=one[:1].to(dtype), uncond=None, num_tokens=[0])
+        ctx2 = TextContexts(cond=two[:1].to(dtype), uncond=two[1:2].to(dtype), num_tokens=[0, 0])
+        stage("denoise warm-up (1 step, no CFG)", lambda: denoise(model, latents, ctx1, load_config(
+            None, common + ["sample.steps=1", "sample.guidance_scale=1"]), dims, False))
+        stats_d, stats_c = {}, {}
+        out_d = stage("denoise, 4 steps, no CFG", lambda: denoise(model, latents, ctx1, distill_cfg, dims, False,
+                                                                   stats=stats_d))
+        stage(f"denoise, {args.cfg_steps} steps, CFG 5", lambda: denoise(model, latents, ctx2, cfg_cfg, dims, False,
+                                                                        stats=stats_c))
+        del model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        vae_model = on_device(lambda: __import__("diffusers").AutoencoderKLWan(
+            **({"base_dim": 16, "z_dim": 16, "num_res_blocks": 1} if tiny else {})), device, torch.float32)
+        vae = WanVAE(vae_model.eval())
+        stage("VAE decode (fp32)", lambda: vae.decode(out_d, device=device))
+    assert stats_d["dit_forwards"] == 4 and stats_c["dit_forwards"] == 2 * args.cfg_steps, (stats_d, stats_c)
+    merge = sum(t for k, t in times.items() if k.startswith("LoRA merge"))
+    decode = times["VAE decode (fp32)"]
+    t_d = times["denoise, 4 steps, no CFG"]
+    t_c = times[f"denoise, {args.cfg_steps} steps, CFG 5"]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"Wan2.1-{args.config} with random weights, {size['frames']}x{size['height']}x{size['width']} -> latents "
+          f"{list(shape)}, offload.dit={args.offload}, LoRA rank {args.lora_rank or '-'}, {where}, "
+          f"torch {torch.__version__}\n")
+    print("| stage | seconds | peak GiB |")
+    print("|---|---:|---:|")
+    peaks = memory.as_dict()
+    for name, t in times.items():
+        peak = (peaks.get(name) or {}).get("allocated_bytes")
+        print(f"| {name} | {t:.2f} | {peak / 2**30 if peak else float('nan'):.2f} |")
+    print(f"| seconds per step: no CFG (1 DiT forward) / CFG (2 DiT forwards) | {t_d / 4:.3f} / "
+          f"{t_c / args.cfg_steps:.3f} | |")
+    whole_d = times["text, 1 prompt (no CFG)"] + merge + t_d + decode
+    print(f"| **whole 4-step run, no CFG** (text 1 prompt + LoRA merge + 4 steps + decode) | **{whole_d:.1f}** | |")
+    label = "whole 40-step CFG run" if args.cfg_steps == 40 else \
+        f"40-step CFG run, EXTRAPOLATED from {args.cfg_steps} measured steps"
+    whole_c = times["text, 2 prompts (CFG)"] + 40 * t_c / args.cfg_steps + decode
+    print(f"| **{label}** (text 2 prompts + 40 steps + decode, no LoRA merge) | **{whole_c:.1f}** | |")
+    print(f"| speed-up | {whole_c / whole_d:.1f}x | |")
+    print("\nThe VAE decode is measured once (same shapes in both runs). DiT forwards counted by "
+          f"pipeline.denoise: {stats_d['dit_forwards']} (no CFG) and {stats_c['dit_forwards']} (CFG). Not "
+          "included: reading checkpoints from disk (the weights are random, built on the device).")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ DiT, VAE) on a CPU in seconds. Its videos are noise.
       vae/                                               diffusers AutoencoderKLWan
       TINY_MODEL.json                                    written last: marks a complete build
 
+`ensure_tiny_lora()` writes a LoRA for this DiT next to it (<cache>/tiny-<TINY_VERSION>-lora.safetensors,
+kohya/ComfyUI-style keys with .alpha and .diff_b); configs name it `lora: [{path: tiny}]`.
+
 `<cache>` is $LIGHTX2V_SP_CACHE, else ~/.cache/lightx2v_sp. The build goes to a temporary sibling
 directory renamed into place, under an exclusive file lock, so concurrent ranks (or jobs) neither
 see a half-written model nor build it twice.
@@ -156,3 +159,50 @@ def _write_tokenizer(path: str) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=512)
     fast.save_pretrained(path)
+
+
+TINY_LORA = dict(rank=4, alpha=8.0, seed=SEED + 3)
+
+
+def tiny_lora_path(root: str | None = None) -> str:
+    return tiny_model_dir(root) + "-lora.safetensors"
+
+
+def tiny_lora_state_dict() -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA on every linear layer of the tiny DiT's blocks, official names with kohya-style
+    lora_down / lora_up / alpha keys, plus bias differences (.diff_b) on the FFN outputs."""
+    dim, ffn, rank = TINY_WAN["dim"], TINY_WAN["ffn_dim"], TINY_LORA["rank"]
+    shapes = {f"{a}.{p}": (dim, dim) for a in ("self_attn", "cross_attn") for p in "qkvo"}
+    shapes.update({"ffn.0": (ffn, dim), "ffn.2": (dim, ffn)})
+    gen = torch.Generator().manual_seed(TINY_LORA["seed"])
+    out = {}
+    for i in range(TINY_WAN["num_layers"]):
+        for name, (rows, cols) in shapes.items():
+            key = f"diffusion_model.blocks.{i}.{name}"
+            # an update of about a tenth of the weights' size: visible in the output, far from dominating it
+            out[f"{key}.lora_down.weight"] = torch.randn(rank, cols, generator=gen) / cols**0.5
+            out[f"{key}.lora_up.weight"] = torch.randn(rows, rank, generator=gen) * (0.05 / rank**0.5)
+            out[f"{key}.alpha"] = torch.tensor(TINY_LORA["alpha"])
+        out[f"diffusion_model.blocks.{i}.ffn.2.diff_b"] = torch.randn(dim, generator=gen) * 0.01
+    return out
+
+
+def ensure_tiny_lora(root: str | None = None) -> str:
+    """Path of the tiny DiT's LoRA file, written on first use (atomically: a temporary file renamed)."""
+    from safetensors.torch import save_file
+
+    path = tiny_lora_path(root)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tiny-lora.tmp-", suffix=".safetensors", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        save_file(tiny_lora_state_dict(), tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # identical bytes from every writer, so a race is harmless
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

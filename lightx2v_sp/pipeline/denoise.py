@@ -14,12 +14,16 @@ from lightx2v_sp.models.wan import WanModel, parallelize_wan
 from lightx2v_sp.offload import offload_dit_blocks
 
 from .guidance import guided_prediction
+from .loras import apply_loras
 from .scheduler import make_scheduler
 
 
 def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype) -> WanModel:
-    """The DiT on `device`; on the CPU with offload.dit=block (the offload streams its blocks later)."""
-    return WanModel.from_pretrained(path, dtype=dtype, device="cpu" if cfg.offload.dit == "block" else device)
+    """The DiT on `device`; on the CPU with offload.dit=block (the offload streams its blocks later).
+    `lora:` entries are merged here, before install_parallel lays the weights out."""
+    model = WanModel.from_pretrained(path, dtype=dtype, device="cpu" if cfg.offload.dit == "block" else device)
+    model.lora_summary = apply_loras(model, cfg, device)
+    return model
 
 
 def install_parallel(model: WanModel, cfg, dims, device: torch.device):
@@ -36,14 +40,27 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device):
 
 
 @torch.no_grad()
-def denoise(model: WanModel, latents: torch.Tensor, contexts, cfg, dims, show_progress: bool) -> torch.Tensor:
-    """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32)."""
+def denoise(model: WanModel, latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
+            stats: dict | None = None) -> torch.Tensor:
+    """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32).
+
+    `stats` (optional) receives this rank's DiT forward count and the timesteps it ran.
+    """
     s = cfg.sample
-    scheduler = make_scheduler(s.scheduler, s.steps, s.shift)
+    scheduler = make_scheduler(s.scheduler, s.steps, s.shift, timesteps=s.timesteps)
     batch = latents.shape[0]
+    forwards = 0
+
+    def forward(context):
+        nonlocal forwards
+        forwards += 1
+        return model(latents, timestep, context)
+
     for t in tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True):
         timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
-        velocity = guided_prediction(lambda context: model(latents, timestep, context),
-                                     contexts.cond, contexts.uncond, s.guidance_scale, dims)
+        velocity = guided_prediction(forward, contexts.cond, contexts.uncond, s.guidance_scale, dims)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+    if stats is not None:
+        stats.update(dit_forwards=forwards, steps=len(scheduler.timesteps),
+                     timesteps=[round(float(t), 3) for t in scheduler.timesteps])
     return latents.float()

@@ -27,6 +27,7 @@ from lightx2v_sp.offload import ComponentPlacement, StageMemory
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
 from .denoise import denoise, install_parallel, load_dit
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
+from .loras import check_loras
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
 from .paths import ModelPaths, model_paths_for
 from .text import check_text_encoder_layout, encode_prompts
@@ -79,6 +80,7 @@ def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
         check_video_writer()
     check_text_encoder_layout(cfg.text_encoder, device, world)
     paths = model_paths_for(cfg.model)
+    check_loras(cfg)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
     return paths, out
 
@@ -136,9 +138,12 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     s = cfg.sample
     shape = latent_shape(model.config.in_dim, s.num_frames, s.height, s.width)
+    denoise_stats: dict = {}
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
-        latents = denoise(model, latents, contexts, cfg, dims, show_progress=progress and rank == 0)
+        latents = denoise(model, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
+                          stats=denoise_stats)
+    lora_summary = getattr(model, "lora_summary", [])
     if offload is not None:
         offload.release_buffers()
     prompt_tokens = contexts.num_tokens
@@ -147,7 +152,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         torch.cuda.empty_cache()
 
     per_rank = all_gather_objects({"comm": {k: v.as_dict() for k, v in stages.comm.items()},
-                                   "peak_memory": stages.memory.as_dict(), "times": dict(stages.times)}, world)
+                                   "peak_memory": stages.memory.as_dict(), "times": dict(stages.times),
+                                   "dit_forwards": denoise_stats["dit_forwards"]}, world)
     result = RunResult(latents=latents.cpu())
 
     def finish():
@@ -164,6 +170,11 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path)
         result.summary["layout"]["attention_kernel"] = attention_kernel
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
+        result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
+                                     "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
+                                     "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
+                                             "with sequential CFG, one per rank per step with cfg_degree 2)"}
+        result.summary["lora"] = lora_summary
         write_json(result.summary, summary_path(out_path))
 
     agreed("decoding and writing the video", finish)
