@@ -16,6 +16,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from lightx2v_sp.attention.names import BACKEND_CHOICES
+from lightx2v_sp.distributed.collectives import A2A_METHODS
+from lightx2v_sp.distributed.wire import COMM_DTYPES
 
 
 def _f(default: Any, doc: str, choices: Sequence[Any] | None = None):
@@ -58,10 +60,10 @@ class ParallelConfig:
                                 "0 = auto: every rank that cfg_degree leaves")
     cfg_degree: int = _f(1, "1, or 2 to run the conditional and unconditional passes on two rank groups", [1, 2])
     a2a: str = _f("all_to_all", "Ulysses exchange: one all_to_all_single, or pairwise round-robin (PCIe)",
-                  ["all_to_all", "round_robin"])
+                  A2A_METHODS)
     fuse_qkv: bool = _f(True, "move q, k and v in one collective per direction")
     comm_dtype: Optional[str] = _f(None, "null = send in compute dtype; fp8 = e4m3 payload + scales in one buffer",
-                                   [None, "fp8"])
+                                   COMM_DTYPES)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from lightx2v_sp.attention.options import UlyssesOptions
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
 from lightx2v_sp.offload import offload_dit_blocks
 
@@ -28,9 +29,7 @@ def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype) -> WanMod
 
 def install_parallel(model: WanModel, cfg, dims, device: torch.device):
     """Ulysses attention per `parallel.*`, then block offload (which must come after it)."""
-    p = cfg.parallel
-    parallelize_wan(model, dims, a2a=p.a2a, fuse_qkv=p.fuse_qkv, comm_dtype=p.comm_dtype,
-                    backend=cfg.attention.backend)
+    parallelize_wan(model, dims, options=UlyssesOptions.from_config(cfg))
     if cfg.offload.dit == "block":
         return offload_dit_blocks(model, device)
     if cfg.model.compile:

@@ -228,10 +228,12 @@ class WanModel(nn.Module):
         return self
 
     def set_attention_backend(self, backend: str) -> None:
-        """Local attention kernel for every attention module. Call it before parallelize_wan, which
-        passes its own `backend` on to Ulysses attention (this would replace the Ulysses wrapper)."""
+        """Local attention kernel for every attention module, before or after parallelize_wan (an
+        installed sequence-parallel attention keeps its exchange and takes the new kernel)."""
         for block in self.blocks:
-            block.self_attn.attn_fn = default_attn_fn(backend)
+            fn = block.self_attn.attn_fn
+            block.self_attn.attn_fn = fn.with_backend(backend) if hasattr(fn, "with_backend") else \
+                default_attn_fn(backend)
             block.cross_attn.attn_fn = default_attn_fn(backend)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

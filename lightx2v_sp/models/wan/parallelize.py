@@ -14,12 +14,12 @@ are the table SEQUENCE_PLAN below, installed as forward hooks:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from lightx2v_sp.attention import ulysses_attention
-from lightx2v_sp.attention.ulysses import check_options
+from lightx2v_sp.attention.options import UlyssesOptions
 from lightx2v_sp.distributed import ParallelDims, gather_sequence, shard_sequence
 
 from .model import WanModel
@@ -35,13 +35,16 @@ class SequenceShard:
 class UlyssesSelfAttention:
     """The `attn_fn` of a parallel self-attention: q, k, v [B, S_local, H, D] -> [B, S_local, H, D]."""
 
-    def __init__(self, shard: SequenceShard, a2a: str, fuse_qkv: bool, comm_dtype: str | None, backend: str):
-        self.shard, self.a2a, self.fuse_qkv, self.comm_dtype, self.backend = shard, a2a, fuse_qkv, comm_dtype, backend
+    def __init__(self, shard: SequenceShard, options: UlyssesOptions):
+        self.shard, self.options = shard, options
+
+    def with_backend(self, backend: str) -> "UlyssesSelfAttention":
+        """The same exchange around another local kernel (WanModel.set_attention_backend calls this)."""
+        return UlyssesSelfAttention(self.shard, replace(self.options, backend=backend))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # [B, S/P, H, D] -> all_to_all -> [B, S, H/P, D] -> local attention -> all_to_all -> [B, S/P, H, D]
-        return ulysses_attention(q, k, v, group=self.shard.group, seq_sizes=self.shard.sizes, a2a=self.a2a,
-                                 fuse_qkv=self.fuse_qkv, comm_dtype=self.comm_dtype, backend=self.backend)
+        return ulysses_attention(q, k, v, group=self.shard.group, seq_sizes=self.shard.sizes, options=self.options)
 
 
 def _split_tokens(shard: SequenceShard):
@@ -80,19 +83,25 @@ SEQUENCE_PLAN = (
 
 
 def parallelize_wan(model: WanModel, dims: ParallelDims, a2a: str = "all_to_all", fuse_qkv: bool = True,
-                    comm_dtype: str | None = None, backend: str = "auto") -> WanModel:
-    """Install sequence parallelism over `dims.sp_group` (the CFG axis belongs to the runner)."""
-    check_options(a2a, comm_dtype)
+                    comm_dtype: str | None = None, backend: str = "auto",
+                    options: UlyssesOptions | None = None) -> WanModel:
+    """Install sequence parallelism over `dims.sp_group` (the CFG axis belongs to the runner).
+
+    The variant is `options` (the runner passes `UlyssesOptions.from_config(cfg)`), or else the four
+    loose keywords. The local kernel of every attention (self and cross) is chosen here too.
+    """
+    if options is None:
+        options = UlyssesOptions(a2a=a2a, fuse_qkv=fuse_qkv, comm_dtype=comm_dtype, backend=backend)
     if getattr(model, "_sequence_shard", None) is not None:
         raise ValueError("parallelize_wan was already applied to this model; a second plan would split the "
                          "tokens twice")
-    model.set_attention_backend(backend)
+    model.set_attention_backend(options.backend)
     if dims.sp_size == 1:
         return model
     dims.check_heads(model.config.num_heads)
     shard = SequenceShard(group=dims.sp_group)
     for block in model.blocks:
-        block.self_attn.attn_fn = UlyssesSelfAttention(shard, a2a, fuse_qkv, comm_dtype, backend)
+        block.self_attn.attn_fn = UlyssesSelfAttention(shard, options)
     model._sequence_hooks = [model.get_submodule(name).register_forward_hook(make(shard))
                              for name, make in SEQUENCE_PLAN]
     model._sequence_shard = shard
