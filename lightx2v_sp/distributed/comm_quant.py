@@ -21,15 +21,10 @@ from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-SCALE_BYTES = 4
-MIN_SCALE = torch.finfo(torch.float32).tiny
+from .fp8_format import FP8_DTYPE, FP8_MAX, MIN_SCALE, SCALE_BYTES, packed_row_bytes
 
-
-def packed_row_bytes(dim: int) -> int:
-    return dim + SCALE_BYTES
-
+__all__ = ["FP8_DTYPE", "FP8_MAX", "MIN_SCALE", "SCALE_BYTES", "dequantize", "dequantize_into",
+           "packed_row_bytes", "quantize", "quantize_into"]
 
 _fused_module = None
 
@@ -40,7 +35,7 @@ def _fused(x: torch.Tensor, out: torch.Tensor, impl: str):
     if impl == "torch" or not x.is_cuda:
         return None
     if _fused_module is None:
-        try:
+        try:  # optional (Triton, CUDA): imported on the first CUDA tensor, not with this module
             from . import comm_quant_triton as module
         except ImportError:
             module = False

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .comm_quant import FP8_MAX as _FP8_MAX_PY, MIN_SCALE as _MIN_SCALE_PY, SCALE_BYTES
+from .fp8_format import FP8_MAX as _FP8_MAX_PY, MIN_SCALE as _MIN_SCALE_PY, SCALE_BYTES
 
 FP8_MAX = tl.constexpr(_FP8_MAX_PY)  # a jit'ed kernel reads globals only as constexpr
 MIN_SCALE = tl.constexpr(_MIN_SCALE_PY)
