@@ -19,6 +19,7 @@ setup(
         "imageio-ffmpeg",
         "tqdm",
         "numpy",
+        "huggingface_hub",  # model.path may be a repo id (pipeline/hub.py); diffusers needs it too
     ],
     extras_require={
         "test": ["pytest>=7", "sentencepiece", "tokenizers"],

@@ -23,11 +23,16 @@ def _f(default: Any, doc: str, choices: Sequence[Any] | None = None):
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = _f(None, "Wan2.1 model directory (official or diffusers layout); null = embedded tiny model")
+    path: Optional[str] = _f(None, "Wan2.1 model directory (official or diffusers layout) or Hugging Face repo id "
+                                   "(org/name, fetched into HF_HUB_CACHE); null = embedded tiny model")
+    revision: Optional[str] = _f(None, "branch, tag or commit of a repo id in model.path; null = main")
     dtype: str = _f("bf16", "compute dtype of the DiT and text encoder", ["bf16", "fp16", "fp32"])
-    text_encoder_path: Optional[str] = _f(None, "UMT5 checkpoint (HF dir or official .pth); null = found under model.path")
-    tokenizer_path: Optional[str] = _f(None, "tokenizer directory; null = found under model.path")
-    vae_path: Optional[str] = _f(None, "VAE (diffusers dir or official Wan2.1_VAE.pth); null = found under model.path")
+    text_encoder_path: Optional[str] = _f(None, "UMT5 checkpoint (HF dir or official .pth; or repo id[/subfolder]); "
+                                                "null = found under model.path")
+    tokenizer_path: Optional[str] = _f(None, "tokenizer directory (or repo id[/subfolder]); "
+                                             "null = found under model.path")
+    vae_path: Optional[str] = _f(None, "VAE (diffusers dir or official Wan2.1_VAE.pth; or repo id[/subfolder]); "
+                                       "null = found under model.path")
     compile: bool = _f(False, "torch.compile the DiT blocks: ~1.12x faster forward on an H100 (BENCHMARKS.md); "
                               "the first step pays the compilation")
 
