@@ -231,11 +231,22 @@ def to_dict(cfg: RunConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
-def describe() -> str:
-    """One line per key: name, default and doc (for --help-config)."""
+def describe(cfg: Optional[RunConfig] = None) -> str:
+    """One line per key: name, value and doc (for --help-config).
+
+    The value is `cfg`'s (what a run with that config would use; the schema default is added where
+    they differ), or the schema default without `cfg`.
+    """
     lines = []
     for key, f in _leaf_fields(RunConfig):
         choices = f.metadata.get("choices")
         extra = f" {list(choices)}" if choices else ""
-        lines.append(f"{key} = {f.default!r}{extra}  # {f.metadata.get('doc', '')}")
+        value = f.default
+        if cfg is not None:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            if value != f.default:
+                extra += f" (schema default {f.default!r})"
+        lines.append(f"{key} = {value!r}{extra}  # {f.metadata.get('doc', '')}")
     return "\n".join(lines)

@@ -99,6 +99,13 @@ def test_help_config_lists_keys(cache):
     r = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--help-config"], cwd=ROOT,
                        env=_env(cache), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "parallel.ulysses_degree" in r.stdout and "output.path" in r.stdout
+    big = os.path.join(ROOT, "configs", "wan_t2v_14b_720p_4090x8.yaml")
+    r = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--config", big, "--help-config",
+                        "sample.steps=7"], cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=60)
+    values = {line.split(" = ")[0]: line.split(" = ")[1] for line in r.stdout.splitlines() if " = " in line}
+    assert r.returncode == 0 and values["sample.steps"].startswith("7 (schema default 50)"), r.stdout
+    assert values["parallel.a2a"].startswith("'round_robin'") and values["offload.dit"].startswith("'block'")
+    assert values["sample.height"].startswith("720 (schema default 480)")
 
 
 def test_torchrun_layout_errors_exit_every_rank(cache, tmp_path):
