@@ -132,3 +132,10 @@ def get_backend(name: str, q: torch.Tensor) -> Kernel:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Full (non-causal) attention of one rank's tensors: [B, S, H, D] in, [B, S, H, D] out."""
     return get_backend(backend, q)(q, k, v)
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128) -> str:
+    """The registered kernel that `name` runs as for such inputs (`auto` resolved), or a ValueError."""
+    q = torch.empty(1, 1, 1, head_dim, device=device, dtype=dtype)
+    get_backend(name, q)  # the same choice (and the same log line) as the first real call
+    return _auto_choice[(q.device.type, q.dtype)] if name == "auto" else name
