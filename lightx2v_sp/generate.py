@@ -49,8 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines above the denoise progress bar instead of inside it (tqdm.write redraws the bar)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never fail the run
+            self.handleError(record)
+
+
 def _setup_logging(rank: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TqdmHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[lightx2v_sp] %(message)s"))
     log = logging.getLogger("lightx2v_sp")
     log.handlers[:] = [handler]

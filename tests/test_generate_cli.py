@@ -131,3 +131,27 @@ def test_torchrun_layout_errors_exit_every_rank(cache, tmp_path):
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and "3 attention heads cannot be split over parallel.ulysses_degree=2" in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_log_lines_do_not_share_the_progress_bar_line(monkeypatch):
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from lightx2v_sp import generate
+
+    log = logging.getLogger("lightx2v_sp")
+    saved = (log.handlers[:], log.level, log.propagate)
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buf)
+    try:
+        generate._setup_logging(0)
+        for i in tqdm(range(3), desc="denoise", file=buf, ncols=60, mininterval=0):
+            if i == 1:
+                log.info("attention backend auto -> sdpa")
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
+    lines = buf.getvalue().replace("\r", "\n").splitlines()
+    assert "[lightx2v_sp] attention backend auto -> sdpa" in lines, lines  # a line of its own
+    assert any(line.startswith("denoise: 100%") for line in lines)
