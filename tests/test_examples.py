@@ -50,3 +50,9 @@ def test_generate_api_example(env, tmp_path):
     out = _run(env, "generate_api.py", f"output.path={tmp_path}/api.mp4", ranks=1)
     assert f"wrote {tmp_path}/api.mp4: 9 frames" in out and '"attention_backend": "sdpa"' in out
     assert os.path.getsize(tmp_path / "api.mp4") > 1000 and os.path.isfile(tmp_path / "api.json")
+
+
+def test_t5_encoder_example(env):
+    out = _run(env, "t5_encoder.py")
+    assert "mode=tp over 2 rank(s)" in out and "mode=dp over 2 rank(s)" in out
+    assert all(d <= 1e-4 for d in _diffs(out)) and len(_diffs(out)) == 2
