@@ -119,7 +119,8 @@ def _download(repo_id: str, revision: Optional[str], patterns: Sequence[str], ca
                          "branch, tag or commit of that repo (or null for main)") from None
     except RepositoryNotFoundError:
         raise ValueError(f"{repo_id!r} is not a local directory and not a Hugging Face repo this machine can "
-                         "read (missing, private or gated: log in with `hf auth login`); check the path or id") from None
+                         "read (missing, private or gated: log in with `hf auth login`); check the path or "
+                         "id") from None
     except (HfHubHTTPError, OSError) as e:
         raise ValueError(f"could not download {repo_id!r} (revision {rev}) into {cache}: "
                          f"{str(e).splitlines()[0][:300]}") from None
