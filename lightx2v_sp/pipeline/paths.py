@@ -131,13 +131,13 @@ def model_paths_for(cfg_model) -> ModelPaths:
     """Paths for `cfg.model`: the given directory or repo id, or the embedded tiny model (built on first use)."""
     from .hub import resolve_path, split_repo_id
 
+    revision = getattr(cfg_model, "revision", None)
     if cfg_model.path is None:
         from lightx2v_sp.models.tiny import ensure_tiny_model
 
         root = ensure_tiny_model()
     else:  # a local directory, or a Hugging Face repo id fetched into the hub cache (hub.py)
-        root = resolve_path(cfg_model.path, "model", getattr(cfg_model, "revision", None))
+        root = resolve_path(cfg_model.path, "model", revision)
     main_repo = (split_repo_id(cfg_model.path) or (None,))[0] if cfg_model.path else None
-    revision = getattr(cfg_model, "revision", None)
     return resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
                                        for what in ("text_encoder", "tokenizer", "vae")))
