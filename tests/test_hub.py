@@ -161,3 +161,34 @@ def test_download_once_per_launch(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "30000")  # another launch: asks the Hub again
     hub.resolve_repo("org/name", "v1")
     assert calls[-1]["local_files_only"] is False
+
+
+def _rank_resolves(rank, world, cache, log):
+    """One local rank of a launch: a fake Hub that takes a second to 'download' and logs each call."""
+    import time
+
+    import huggingface_hub
+
+    def fake_snapshot_download(repo_id, **kw):
+        with open(log, "a") as f:
+            f.write(f"{rank} {'cache' if kw['local_files_only'] else 'download'}\n")
+        if not kw["local_files_only"]:
+            time.sleep(1.0)  # the other rank arrives meanwhile and must wait on the lock
+        path = os.path.join(cache, "models--org--name", "snapshots", "d" * 40)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    huggingface_hub.snapshot_download = fake_snapshot_download
+    os.environ.update(LOCAL_WORLD_SIZE=str(world), HF_HUB_CACHE=cache)
+    os.environ.pop("HF_HUB_OFFLINE", None)
+    return hub.resolve_repo("org/name")
+
+
+def test_local_ranks_download_once(tmp_path):
+    from lightx2v_sp.testing import run_on_ranks
+
+    log = tmp_path / "calls.txt"
+    paths = run_on_ranks(_rank_resolves, 2, str(tmp_path / "hub"), str(log))
+    assert paths[0] == paths[1] and paths[0].endswith("d" * 40)
+    calls = sorted(line.split()[1] for line in log.read_text().splitlines())
+    assert calls == ["cache", "download"]  # one rank downloaded, the other read the cache after it
