@@ -163,8 +163,8 @@ def test_download_once_per_launch(tmp_path, monkeypatch):
     assert calls[-1]["local_files_only"] is False
 
 
-def _rank_resolves(rank, world, cache, log):
-    """One local rank of a launch: a fake Hub that takes a second to 'download' and logs each call."""
+def _rank_resolves(rank, cache, log):
+    """One local rank of a launch (a forked process): a fake Hub that takes a second to 'download'."""
     import time
 
     import huggingface_hub
@@ -179,16 +179,25 @@ def _rank_resolves(rank, world, cache, log):
         return path
 
     huggingface_hub.snapshot_download = fake_snapshot_download
-    os.environ.update(LOCAL_WORLD_SIZE=str(world), HF_HUB_CACHE=cache)
+    os.environ.update(LOCAL_WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_PORT="29123", HF_HUB_CACHE=cache)
     os.environ.pop("HF_HUB_OFFLINE", None)
-    return hub.resolve_repo("org/name")
+    path = hub.resolve_repo("org/name")
+    with open(log, "a") as f:
+        f.write(f"{rank} got {path}\n")
 
 
 def test_local_ranks_download_once(tmp_path):
-    from lightx2v_sp.testing import run_on_ranks
+    import multiprocessing as mp
 
     log = tmp_path / "calls.txt"
-    paths = run_on_ranks(_rank_resolves, 2, str(tmp_path / "hub"), str(log))
-    assert paths[0] == paths[1] and paths[0].endswith("d" * 40)
-    calls = sorted(line.split()[1] for line in log.read_text().splitlines())
-    assert calls == ["cache", "download"]  # one rank downloaded, the other read the cache after it
+    ctx = mp.get_context("fork")  # siblings of one parent, like torchrun's local ranks
+    procs = [ctx.Process(target=_rank_resolves, args=(r, str(tmp_path / "hub"), str(log))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    assert sorted(x for x in lines if not x.startswith("got")) == ["cache", "download"]  # downloaded once
+    got = {x for x in lines if x.startswith("got")}
+    assert len(got) == 1 and got.pop().endswith("d" * 40)  # both ranks use the same snapshot
