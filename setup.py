@@ -19,6 +19,7 @@ setup(
         "imageio-ffmpeg",
         "tqdm",
         "numpy",
+        "huggingface_hub",  # model.path may be a repo id (pipeline/hub.py); diffusers needs it too
     ],
     extras_require={
         # peft: the LoRA tests make adapters with it and diffusers' load_lora_weights needs it

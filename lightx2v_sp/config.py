@@ -29,11 +29,16 @@ def _f(default: Any, doc: str, choices: Sequence[Any] | None = None):
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = _f(None, "Wan2.1 model directory (official or diffusers layout); null = embedded tiny model")
+    path: Optional[str] = _f(None, "Wan2.1 model directory (official or diffusers layout) or Hugging Face repo id "
+                                   "(org/name, fetched into HF_HUB_CACHE); null = embedded tiny model")
+    revision: Optional[str] = _f(None, "branch, tag or commit of a repo id in model.path; null = main")
     dtype: str = _f("bf16", "compute dtype of the DiT and text encoder", ["bf16", "fp16", "fp32"])
-    text_encoder_path: Optional[str] = _f(None, "UMT5 checkpoint (HF dir or official .pth); null = found under model.path")
-    tokenizer_path: Optional[str] = _f(None, "tokenizer directory; null = found under model.path")
-    vae_path: Optional[str] = _f(None, "VAE (diffusers dir or official Wan2.1_VAE.pth); null = found under model.path")
+    text_encoder_path: Optional[str] = _f(None, "UMT5 checkpoint (HF dir or official .pth; or repo id[/subfolder]); "
+                                                "null = found under model.path")
+    tokenizer_path: Optional[str] = _f(None, "tokenizer directory (or repo id[/subfolder]); "
+                                             "null = found under model.path")
+    vae_path: Optional[str] = _f(None, "VAE (diffusers dir or official Wan2.1_VAE.pth; or repo id[/subfolder]); "
+                                       "null = found under model.path")
     compile: bool = _f(False, "torch.compile the DiT blocks: ~1.12x faster forward on an H100 (BENCHMARKS.md); "
                               "the first step pays the compilation")
 
@@ -306,14 +311,25 @@ def to_dict(cfg: RunConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
-def describe() -> str:
-    """One line per key: name, default and doc (for --help-config)."""
+def describe(cfg: Optional[RunConfig] = None) -> str:
+    """One line per key: name, value and doc (for --help-config).
+
+    The value is `cfg`'s (what a run with that config would use; the schema default is added where
+    they differ), or the schema default without `cfg`.
+    """
     lines = []
     for key, f in _leaf_fields(RunConfig):
         choices = f.metadata.get("choices")
         extra = f" {list(choices)}" if choices else ""
-        default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
-        lines.append(f"{key} = {default!r}{extra}  # {f.metadata.get('doc', '')}")
+        value = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+        default = value
+        if cfg is not None:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            if value != default:
+                extra += f" (schema default {default!r})"
+        lines.append(f"{key} = {value!r}{extra}  # {f.metadata.get('doc', '')}")
         if key == "lora":
             for sub in fields(LoraConfig):
                 sub_choices = sub.metadata.get("choices")

@@ -2,7 +2,7 @@
 
     python -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml [key=value ...]
     torchrun --nproc_per_node 2 -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml parallel.ulysses_degree=2
-    python -m lightx2v_sp.generate --help-config        # every key, its default and what it does
+    python -m lightx2v_sp.generate --config X --help-config   # every key, the value the run would use, its doc
 
 The same command runs as one process or under torchrun (one node or several). User errors
 (bad key or value, a layout that does not fit, a missing model, an unwritable output) print one
@@ -42,14 +42,27 @@ def _parser() -> argparse.ArgumentParser:
                 description="Generate a video with a Wan2.1 DiT (Ulysses sequence parallel under torchrun).")
     p.add_argument("--config", default=None,
                    help="YAML config (default: configs/wan_t2v_tiny.yaml, the embedded tiny model)")
-    p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with the value this --config and these overrides give it, and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. parallel.ulysses_degree=2 sample.steps=10")
     return p
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines above the denoise progress bar instead of inside it (tqdm.write redraws the bar)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never fail the run
+            self.handleError(record)
+
+
 def _setup_logging(rank: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TqdmHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[lightx2v_sp] %(message)s"))
     log = logging.getLogger("lightx2v_sp")
     log.handlers[:] = [handler]
@@ -77,14 +90,15 @@ def main(argv=None) -> int:
     from lightx2v_sp.config import describe, load_config
     from lightx2v_sp.distributed import init_distributed, resolve_device, shutdown_distributed
 
-    if args.help_config:
-        if rank == 0:
-            print(describe())
-        return 0
     # Config errors are the same on every rank (same files, same arguments): no collective needed.
     try:
         path = args.config or _default_config()
         cfg = load_config(path, args.overrides)
+        if args.help_config:  # the values this command line would run with
+            if rank == 0:
+                print(f"# {path} {' '.join(args.overrides)}".rstrip() + ": the values a run would use")
+                print(describe(cfg))
+            return 0
         device = resolve_device(cfg.device)
     except ValueError as e:
         return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR

@@ -259,7 +259,7 @@ def _worker_configs(args, device) -> int:
         seconds = time.perf_counter() - start
         if rank == 0:
             frames = to_uint8_frames(result.video)
-            kernel = result.summary.get("layout", {}).get("attention_kernel")
+            kernel = result.summary.get("layout", {}).get("attention_backend")
             torch.save({"frames": frames, "seconds": round(seconds, 2), "kernel": kernel},
                        os.path.join(args.out, f"{job['name']}.pt"))
             print(f"[lane] {job['name']}: {seconds:.1f} s, kernel {kernel}", flush=True)

@@ -9,6 +9,8 @@
 #   NODE_RANK       this node's index, 0 .. NNODES-1 (default 0)
 #   MASTER_ADDR     address of node 0, reachable from every node (default 127.0.0.1)
 #   MASTER_PORT     a free TCP port on node 0 (default 29500)
+#   OMP_NUM_THREADS CPU threads per process (default: this node's cores / NPROC_PER_NODE, at least 1;
+#                   set here so torchrun does not print its warning banner and pick 1 for us)
 # Multi-node: run the same command on every node, with NNODES, NODE_RANK and MASTER_ADDR set.
 # Ranks are numbered node by node, so Ulysses groups (contiguous ranks) stay inside a node when
 # ulysses_degree <= NPROC_PER_NODE, and only the CFG exchange crosses nodes.
@@ -27,6 +29,11 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     else
         NPROC_PER_NODE=2
     fi
+fi
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    cores=$(nproc 2>/dev/null || echo 1)
+    OMP_NUM_THREADS=$(( cores / NPROC_PER_NODE > 0 ? cores / NPROC_PER_NODE : 1 ))
+    export OMP_NUM_THREADS
 fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -99,6 +99,16 @@ def test_every_field_is_documented():
     assert "parallel.comm_dtype" in describe()
 
 
+def test_describe_shows_the_values_a_config_gives():
+    cfg = load_config(os.path.join(ROOT, "configs", "wan_t2v_tiny.yaml"), ["parallel.a2a=round_robin"])
+    lines = {line.split(" = ")[0]: line for line in describe(cfg).splitlines()}
+    assert lines["sample.steps"].startswith("sample.steps = 4 (schema default 50)")
+    assert lines["parallel.a2a"].startswith("parallel.a2a = 'round_robin' ['all_to_all', 'round_robin'] "
+                                            "(schema default 'all_to_all')")
+    assert lines["seed"].startswith("seed = 42  #")  # equal to the default: no note
+    assert describe().splitlines()[0].startswith("model.path = None  #")
+
+
 def test_compile_and_block_offload_are_exclusive():
     assert load_config(None, ["model.compile=true"]).model.compile is True
     with pytest.raises(ValueError, match="model.compile=true with offload.dit=block"):

@@ -99,6 +99,13 @@ def test_help_config_lists_keys(cache):
     r = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--help-config"], cwd=ROOT,
                        env=_env(cache), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "parallel.ulysses_degree" in r.stdout and "output.path" in r.stdout
+    big = os.path.join(ROOT, "configs", "wan_t2v_14b_720p_4090x8.yaml")
+    r = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--config", big, "--help-config",
+                        "sample.steps=7"], cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=60)
+    values = {line.split(" = ")[0]: line.split(" = ")[1] for line in r.stdout.splitlines() if " = " in line}
+    assert r.returncode == 0 and values["sample.steps"].startswith("7 (schema default 50)"), r.stdout
+    assert values["parallel.a2a"].startswith("'round_robin'") and values["offload.dit"].startswith("'block'")
+    assert values["sample.height"].startswith("720 (schema default 480)")
 
 
 def test_torchrun_layout_errors_exit_every_rank(cache, tmp_path):
@@ -124,3 +131,27 @@ def test_torchrun_layout_errors_exit_every_rank(cache, tmp_path):
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and "3 attention heads cannot be split over parallel.ulysses_degree=2" in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_log_lines_do_not_share_the_progress_bar_line(monkeypatch):
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from lightx2v_sp import generate
+
+    log = logging.getLogger("lightx2v_sp")
+    saved = (log.handlers[:], log.level, log.propagate)
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buf)
+    try:
+        generate._setup_logging(0)
+        for i in tqdm(range(3), desc="denoise", file=buf, ncols=60, mininterval=0):
+            if i == 1:
+                log.info("attention backend auto -> sdpa")
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
+    lines = buf.getvalue().replace("\r", "\n").splitlines()
+    assert "[lightx2v_sp] attention backend auto -> sdpa" in lines, lines  # a line of its own
+    assert any(line.startswith("denoise: 100%") for line in lines)

@@ -98,4 +98,6 @@ def test_stage_memory_without_cuda_reports_none():
     assert mem.as_dict() == {"text": {"allocated_bytes": None, "reserved_bytes": None},
                              "denoise": {"allocated_bytes": None, "reserved_bytes": None}}
     assert peak_memory_bytes("cpu") is None and gib(None) is None
+    host = mem.host_as_dict()  # the process's peak RSS at each stage's end: a running maximum
+    assert list(host) == ["text", "denoise"] and 0 < host["text"] <= host["denoise"]
     assert gib(3 * 2**29) == 1.5

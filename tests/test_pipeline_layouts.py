@@ -111,6 +111,15 @@ def test_summary_fields(runs):
     none = {"allocated_bytes": None, "reserved_bytes": None}  # CPU: no device memory counters
     assert s["peak_memory_bytes"]["rank0"]["decode"] == none
     assert [r["denoise"] for r in s["peak_memory_bytes"]["per_rank"]] == [none, none]
+    # what took effect on this CPU run, not what the config asked for (auto, gpu placements)
+    assert s["layout"]["attention_backend"] == "sdpa" and s["layout"]["attention_backend_requested"] == "auto"
+    assert s["layout"]["text_encoder"] == {"parallel": "replicate", "device": "cpu"}
+    assert s["layout"]["offload"] == {"dit": "cpu", "vae": "cpu"}
+    assert [n.split(" ")[0] for n in s["layout"]["placement_notes"]] == ["text_encoder.device=gpu", "offload.vae=gpu"]
+    rss = s["host_peak_rss_bytes"]["rank0"]  # a running maximum: never decreases from stage to stage
+    assert list(rss) == ["preflight", "text", "load", "denoise", "decode", "write"]
+    assert all(b > 50 * 2**20 for b in rss.values()) and list(rss.values()) == sorted(rss.values())
+    assert [set(r) for r in s["host_peak_rss_bytes"]["per_rank"]] == [{"preflight", "text", "load", "denoise"}] * 2
     assert len(s["stage_times_s_per_rank"]) == 2 and "denoise" in s["stage_times_s_per_rank"][1]
     layers = tiny.TINY_WAN["num_layers"]
     forwards = STEPS * 2  # conditional + unconditional pass per step

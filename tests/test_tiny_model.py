@@ -43,6 +43,18 @@ def test_second_call_reuses_the_build(cache, monkeypatch):
     assert os.path.getmtime(os.path.join(path, tiny.MARKER)) == mtime
 
 
+def test_first_build_says_so(tmp_path, monkeypatch, caplog):
+    def marker_only(path):  # the files do not matter here, only the message
+        open(os.path.join(path, tiny.MARKER), "w").close()
+
+    monkeypatch.setattr(tiny, "write_tiny_model", marker_only)
+    with caplog.at_level("INFO", logger="lightx2v_sp"):
+        path = tiny.ensure_tiny_model(str(tmp_path))
+        tiny.ensure_tiny_model(str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if "tiny model" in r.getMessage()]
+    assert said == [f"building the embedded tiny model in {path} (once)"]
+
+
 def test_loads_with_the_real_loaders(cache):
     from transformers import AutoTokenizer
 

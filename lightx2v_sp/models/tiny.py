@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import string
@@ -62,6 +63,8 @@ def ensure_tiny_model(root: str | None = None) -> str:
     final = tiny_model_dir(root)
     if is_built(final):
         return final
+    # said before the lock: the rank that logs (0) may be the one waiting while a peer builds
+    logging.getLogger("lightx2v_sp").info("building the embedded tiny model in %s (once)", final)
     parent = os.path.dirname(final)
     try:
         os.makedirs(parent, exist_ok=True)

@@ -8,6 +8,7 @@ official (Wan-AI/Wan2.1-T2V-*):          diffusers (Wan-AI/Wan2.1-T2V-*-Diffuser
   Wan2.1_VAE.pth              VAE           vae/
 Each component is looked up in either place (the embedded tiny model mixes them), and
 `model.text_encoder_path` / `tokenizer_path` / `vae_path` override the lookup one by one.
+Any of them may be a Hugging Face repo id instead of a directory (hub.py fetches it).
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def resolve_model_paths(root: str, text_encoder_path: Optional[str] = None, toke
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise ValueError(f"model.path {root} is not a directory; point it at a downloaded Wan2.1-T2V "
-                         "directory (official or -Diffusers layout), or set model.path=null for the tiny model")
+                         "directory (official or -Diffusers layout) or a Hugging Face repo id such as "
+                         "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or set model.path=null for the tiny model")
     problems: list[str] = []
     dit, layout, heads = _find_dit(root, problems)
 
@@ -126,11 +128,16 @@ def resolve_model_paths(root: str, text_encoder_path: Optional[str] = None, toke
 
 
 def model_paths_for(cfg_model) -> ModelPaths:
-    """Paths for `cfg.model`: the given directory, or the embedded tiny model (built on first use)."""
+    """Paths for `cfg.model`: the given directory or repo id, or the embedded tiny model (built on first use)."""
+    from .hub import resolve_path, split_repo_id
+
+    revision = getattr(cfg_model, "revision", None)
     if cfg_model.path is None:
         from lightx2v_sp.models.tiny import ensure_tiny_model
 
         root = ensure_tiny_model()
-    else:
-        root = cfg_model.path
-    return resolve_model_paths(root, cfg_model.text_encoder_path, cfg_model.tokenizer_path, cfg_model.vae_path)
+    else:  # a local directory, or a Hugging Face repo id fetched into the hub cache (hub.py)
+        root = resolve_path(cfg_model.path, "model", revision)
+    main_repo = (split_repo_id(cfg_model.path) or (None,))[0] if cfg_model.path else None
+    return resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
+                                       for what in ("text_encoder", "tokenizer", "vae")))

@@ -26,6 +26,7 @@ from lightx2v_sp.offload import ComponentPlacement, StageMemory
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
 from .denoise import denoise, install_parallel, load_dit
+from .effective import effective_layout
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
 from .loras import check_loras
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
@@ -129,12 +130,11 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                                                                                  VAE_SPATIAL_STRIDE):
                 raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
                                  f"{vae.spatial_stride}; Wan2.1's VAE (4 x 8) is the only one supported")
-            return model, vae
-        model, vae = agreed("loading the DiT", load)
+            # before the progress bar: `auto` logs its pick here, and the summary records it
+            kernel = resolve_backend(cfg.attention.backend, device, dtype, model.config.dim // model.config.num_heads)
+            return model, vae, kernel
+        model, vae, kernel = agreed("loading the DiT", load)
         offload = install_parallel(model, cfg, dims, device)
-        head_dim = model.config.dim // model.config.num_heads
-        attention_kernel = agreed("choosing the attention kernel",
-                                  lambda: resolve_backend(cfg.attention.backend, device, dtype, head_dim))
 
     s = cfg.sample
     shape = latent_shape(model.config.in_dim, s.num_frames, s.height, s.width)
@@ -153,7 +153,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     per_rank = all_gather_objects({"comm": {k: v.as_dict() for k, v in stages.comm.items()},
                                    "peak_memory": stages.memory.as_dict(), "times": dict(stages.times),
-                                   "dit_forwards": denoise_stats["dit_forwards"]}, world)
+                                   "dit_forwards": denoise_stats["dit_forwards"],
+                                   "host_rss": stages.memory.host_as_dict()}, world)
     result = RunResult(latents=latents.cpu())
 
     def finish():
@@ -167,8 +168,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
             write_video(to_uint8_frames(video), out_path, s.fps)
         result.video = video if keep_video else None
         result.output_path = out_path
-        result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path)
-        result.summary["layout"]["attention_kernel"] = attention_kernel
+        result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
         result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
                                      "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
@@ -184,7 +184,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
 
 def _summary(cfg, dims, device, paths, shape, stages: _Stages, per_rank: list[dict], started: float,
-             out_path: str) -> dict:
+             out_path: str, kernel: str) -> dict:
     import diffusers
 
     s = cfg.sample
@@ -194,9 +194,7 @@ def _summary(cfg, dims, device, paths, shape, stages: _Stages, per_rank: list[di
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "layout": {"world_size": dims.world_size, "ulysses_degree": dims.ulysses_degree,
                    "cfg_degree": dims.cfg_degree, "a2a": cfg.parallel.a2a, "fuse_qkv": cfg.parallel.fuse_qkv,
-                   "comm_dtype": cfg.parallel.comm_dtype, "attention_backend": cfg.attention.backend,
-                   "text_encoder": {"parallel": cfg.text_encoder.parallel, "device": cfg.text_encoder.device},
-                   "offload": {"dit": cfg.offload.dit, "vae": cfg.offload.vae},
+                   "comm_dtype": cfg.parallel.comm_dtype, **effective_layout(cfg, device, kernel),
                    "device": str(device), "process_group": dist.get_backend() if dims.world_size > 1 else None,
                    "nodes": max(1, dims.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", dims.world_size)))},
         "model": {**paths.as_dict(), "tiny": cfg.model.path is None, "dtype": cfg.model.dtype},
@@ -208,6 +206,10 @@ def _summary(cfg, dims, device, paths, shape, stages: _Stages, per_rank: list[di
         "peak_memory_bytes": {"note": "peak allocated/reserved device bytes per stage; None where the device "
                                       "is not CUDA. 'rank0' includes decode and write (rank 0 only)",
                               "rank0": stages.memory.as_dict(), "per_rank": [r["peak_memory"] for r in per_rank]},
+        "host_peak_rss_bytes": {"note": "peak resident set size of each rank's process (ru_maxrss) at the end of "
+                                        "each stage: a running maximum since the process started, so a stage's "
+                                        "value includes the stages before it",
+                                "rank0": stages.memory.host_as_dict(), "per_rank": [r["host_rss"] for r in per_rank]},
         "comm": _comm_summary([r["comm"] for r in per_rank]),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "config": to_dict(cfg),
