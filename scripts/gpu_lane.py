@@ -103,6 +103,9 @@ def _tiny_for(raw) -> list[str]:
     kind = OmegaConf.select(raw, "model.tiny", default=None)
     if kind is not None:
         out.append(f"model.tiny={kind}")
+    loras = OmegaConf.select(raw, "lora", default=None) or []
+    if loras:  # the tiny family's own LoRA in place of each file the config names
+        out.append("lora=[" + ", ".join(f"{{path: tiny, scale: {entry.get('scale', 1.0)}}}" for entry in loras) + "]")
     return out
 
 
