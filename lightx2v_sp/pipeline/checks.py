@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from lightx2v_sp.distributed import valid_layouts
 from lightx2v_sp.distributed.comm_stats import record_comm
+from lightx2v_sp.distributed.peer_lost import is_peer_lost
 
 T = TypeVar("T")
 
@@ -57,6 +58,8 @@ def agreed(stage: str, fn: Callable[[], T]) -> T:
     except ValueError as e:
         error = (str(e), False)
     except Exception as e:  # noqa: BLE001 - reported on every rank instead of hanging the others
+        if is_peer_lost(e):  # nobody left to agree with: exchanging would wait out another timeout
+            raise
         traceback.print_exc()
         error = (f"{stage} failed on rank {rank}: {type(e).__name__}: {e}", True)
     for r, e in enumerate(all_gather_objects(error, world)):

@@ -28,6 +28,7 @@ from .denoise import denoise, install_parallel, load_dit
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
 from .paths import ModelPaths, model_paths_for
+from .rank0_stage import rank0_stage
 from .text import check_text_encoder_layout, encode_prompts
 
 log = logging.getLogger("lightx2v_sp")
@@ -108,7 +109,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     with stages("preflight"):
         paths, out_path = agreed("preflight", lambda: _preflight(cfg, device))
-        dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree)
+        dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s)
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
 
@@ -161,7 +162,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
         write_json(result.summary, summary_path(out_path))
 
-    agreed("decoding and writing the video", finish)
+    rank0_stage("decoding and writing the video", finish, cfg.comm.timeout_s)  # heartbeat, not a timeout
     if rank == 0:
         log.info("wrote %s and %s", out_path, summary_path(out_path))
     return result
