@@ -26,7 +26,7 @@ from lightx2v_sp.offload import ComponentPlacement, StageMemory
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
 from .denoise import denoise, install_parallel, load_dit
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
-from .output import check_video_writer, check_writable, summary_path, write_json, write_video
+from .output import check_ours, check_video_writer, check_writable, summary_path, write_summary, write_video
 from .paths import ModelPaths, model_paths_for
 from .rank0_stage import rank0_stage
 from .text import check_text_encoder_layout, encode_prompts
@@ -155,12 +155,13 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
             with placement.on_device():
                 video = vae.decode(latents, device=placement.execution_device)[0].cpu()
         with stages("write"):
+            check_ours(out_path)  # again: files may have appeared there during the run
             write_video(to_uint8_frames(video), out_path, s.fps)
         result.video = video if keep_video else None
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
-        write_json(result.summary, summary_path(out_path))
+        write_summary(result.summary, out_path)
 
     rank0_stage("decoding and writing the video", finish, cfg.comm.timeout_s)  # heartbeat, not a timeout
     if rank == 0:
