@@ -13,6 +13,7 @@ from tqdm import tqdm
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
 from lightx2v_sp.offload import offload_dit_blocks
 
+from .finite import check_latents
 from .guidance import guided_prediction
 from .scheduler import make_scheduler
 
@@ -41,9 +42,12 @@ def denoise(model: WanModel, latents: torch.Tensor, contexts, cfg, dims, show_pr
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift)
     batch = latents.shape[0]
-    for t in tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True):
+    num_steps = len(scheduler.timesteps)
+    for step, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress,
+                                  leave=True), start=1):
         timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
         velocity = guided_prediction(lambda context: model(latents, timestep, context),
                                      contexts.cond, contexts.uncond, s.guidance_scale, dims)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        check_latents(latents, step, num_steps)
     return latents.float()

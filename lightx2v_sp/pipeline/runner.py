@@ -25,7 +25,9 @@ from lightx2v_sp.offload import ComponentPlacement, StageMemory
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
 from .denoise import denoise, install_parallel, load_dit
+from .finite import check_video
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
+from .loading import load_checked
 from .output import check_ours, check_video_writer, check_writable, summary_path, write_summary, write_video
 from .paths import ModelPaths, model_paths_for
 from .rank0_stage import rank0_stage
@@ -118,8 +120,9 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     with stages("load"):
         def load():
-            model = load_dit(paths.dit, cfg, device, dtype)
-            vae = WanVAE.from_pretrained(paths.vae) if rank == 0 else None
+            model = load_checked("DiT", paths.dit, lambda: load_dit(paths.dit, cfg, device, dtype))
+            vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae),
+                               weights=lambda v: v.vae) if rank == 0 else None
             if vae is not None and vae.z_dim != model.config.in_dim:
                 raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
                                  f"{paths.dit} takes in_dim={model.config.in_dim}; they are not one model")
@@ -135,10 +138,11 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     shape = latent_shape(model.config.in_dim, s.num_frames, s.height, s.width)
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
-        latents = denoise(model, latents, contexts, cfg, dims, show_progress=progress and rank == 0)
+        latents = agreed("denoising", lambda: denoise(model, latents, contexts, cfg, dims,
+                                                       show_progress=progress and rank == 0))
     if offload is not None:
         offload.release_buffers()
-    prompt_tokens = contexts.num_tokens
+    prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
     del model, contexts
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -154,13 +158,15 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
             placement = ComponentPlacement(vae.vae, cfg.offload.vae, device, name="vae")
             with placement.on_device():
                 video = vae.decode(latents, device=placement.execution_device)[0].cpu()
+            check_video(video)
         with stages("write"):
             check_ours(out_path)  # again: files may have appeared there during the run
             write_video(to_uint8_frames(video), out_path, s.fps)
         result.video = video if keep_video else None
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path)
-        result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
+        result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len,
+                                  "cut_tokens": cut_tokens}  # beyond text_len, per prompt (warned)
         write_summary(result.summary, out_path)
 
     rank0_stage("decoding and writing the video", finish, cfg.comm.timeout_s)  # heartbeat, not a timeout
