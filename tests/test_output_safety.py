@@ -1,6 +1,7 @@
 """Outputs: never replace a file this tool did not write; temp files go on SIGTERM and after SIGKILL."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,3 +109,31 @@ def test_sigterm_during_write_removes_the_temp_file(tmp_path):
         proc.kill()
     assert proc.returncode == 143 and "error: interrupted by SIGTERM" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_during_a_run_is_one_error_line(tmp_path):
+    from lightx2v_sp.models import tiny
+
+    cache = str(tmp_path / "cache")
+    tiny.ensure_tiny_model(cache)
+    out = tmp_path / "out" / "v.mp4"
+    env = dict(os.environ, LIGHTX2V_SP_CACHE=cache, OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    config = os.path.join(ROOT, "configs", "wan_t2v_tiny.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "lightx2v_sp.generate", "--config", config, "sample.steps=1000",
+                             f"output.path={out}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    try:
+        while not re.search(rb"denoise:[^\r\n]*\| *[1-9]\d*/1000", seen):  # mid-denoise: a step is done
+            chunk = proc.stderr.read1(4096)
+            assert chunk, seen.decode(errors="replace")[-2000:]
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    lines = [line for line in (seen + rest).decode(errors="replace").replace("\r", "\n").splitlines()
+             if "error:" in line]
+    assert proc.returncode == 143 and lines == ["error: interrupted by SIGTERM; no video was written"], lines
+    assert "Traceback" not in rest.decode(errors="replace")
+    assert os.listdir(out.parent) == []

@@ -43,11 +43,12 @@ def denoise(model: WanModel, latents: torch.Tensor, contexts, cfg, dims, show_pr
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift)
     batch = latents.shape[0]
     num_steps = len(scheduler.timesteps)
-    for step, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress,
-                                  leave=True), start=1):
-        timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
-        velocity = guided_prediction(lambda context: model(latents, timestep, context),
-                                     contexts.cond, contexts.uncond, s.guidance_scale, dims)
-        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-        check_latents(latents, step, num_steps)
+    # `with`: an error or a signal mid-loop still ends the bar's line, so the error starts its own
+    with tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True) as bar:
+        for step, t in enumerate(bar, start=1):
+            timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
+            velocity = guided_prediction(lambda context: model(latents, timestep, context),
+                                         contexts.cond, contexts.uncond, s.guidance_scale, dims)
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            check_latents(latents, step, num_steps)
     return latents.float()
