@@ -5,11 +5,14 @@ decoded frames, which the uint8 conversion turns into black. So the weights of e
 checked once after loading, the latents after every sampler step and the video after decoding.
 Each check is one `isfinite().all()` reduction per tensor and one host sync (per component, per
 step, per video): negligible next to the work it guards. The latents are the same bits on every
-rank, so every rank raises at the same step (inside `agreed`, the error is reported once).
+rank (denoise.py), so every rank finds the same non-finite step by itself: `check_latents` raises
+`AgreedError` directly, with no collective per step (and none in the hot loop at all).
 """
 from __future__ import annotations
 
 import torch
+
+from .checks import AgreedError
 
 
 def check_weights(module: torch.nn.Module, component: str, path: str) -> None:
@@ -27,9 +30,9 @@ def check_weights(module: torch.nn.Module, component: str, path: str) -> None:
 
 
 def check_latents(latents: torch.Tensor, step: int, num_steps: int) -> None:
-    """ValueError if the latents after sampler step `step` (1-based) of `num_steps` are not finite."""
+    """AgreedError if the latents after sampler step `step` (1-based) of `num_steps` are not finite."""
     if not bool(torch.isfinite(latents).all()):
-        raise ValueError(f"the latents hold NaN or inf after denoising step {step} of {num_steps} (the DiT's "
+        raise AgreedError(f"the latents hold NaN or inf after denoising step {step} of {num_steps} (the DiT's "
                          "prediction overflowed: try model.dtype=bf16 or fp32, or a smaller "
                          "sample.guidance_scale); no video was written")
 

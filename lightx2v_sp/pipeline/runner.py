@@ -138,8 +138,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     shape = latent_shape(model.config.in_dim, s.num_frames, s.height, s.width)
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
-        latents = agreed("denoising", lambda: denoise(model, latents, contexts, cfg, dims,
-                                                       show_progress=progress and rank == 0))
+        latents = denoise(model, latents, contexts, cfg, dims, show_progress=progress and rank == 0)
     if offload is not None:
         offload.release_buffers()
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
