@@ -12,6 +12,7 @@ error, so the job still fails together with one `error:` line.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import pickle
 import threading
@@ -27,7 +28,7 @@ from .checks import AgreedError, agreed
 
 T = TypeVar("T")
 
-HEARTBEAT_S = 1.0   # rank 0 bumps the counter this often
+HEARTBEAT_S = 1.0   # rank 0 bumps the counter this often (more often for timeouts under 5 s)
 POLL_S = 0.2        # the others look this often
 _stage_ids = itertools.count()  # every rank calls rank0_stage in the same order: same keys
 
@@ -61,15 +62,32 @@ def rank0_stage(stage: str, fn: Callable[[], T], timeout_s: float) -> Optional[T
     store = dist.PrefixStore(f"lightx2v_sp/rank0_stage/{next(_stage_ids)}/",
                              dist.distributed_c10d._get_default_store())
     if rank == 0:
-        return _run_on_rank0(stage, fn, store)
+        return _run_on_rank0(stage, fn, store, world - 1, timeout_s)
     return _wait_for_rank0(stage, store, timeout_s)
 
 
-def _run_on_rank0(stage: str, fn: Callable[[], T], store) -> Optional[T]:
+def _await_acks(store, waiters: int, timeout_s: float) -> None:
+    """Until every waiter has read the outcome (at most `timeout_s`): when rank 0's process hosts the
+    store (plain env:// init, not torchrun), exiting at once could take the store away unread."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while store.add("acks", 0) < waiters and time.monotonic() < deadline:
+            time.sleep(POLL_S / 4)
+    except Exception:  # noqa: BLE001 - no store, nobody to wait for
+        return
+
+
+def heartbeat_interval(timeout_s: float) -> float:
+    """Several beats per timeout, so a loaded but alive rank 0 is never mistaken for a dead one."""
+    return min(HEARTBEAT_S, timeout_s / 5)
+
+
+def _run_on_rank0(stage: str, fn: Callable[[], T], store, waiters: int, timeout_s: float) -> Optional[T]:
     stop = threading.Event()
+    interval = heartbeat_interval(timeout_s)
 
     def beat():
-        while not stop.wait(HEARTBEAT_S):
+        while not stop.wait(interval):
             try:
                 store.add("heartbeat", 1)
             except Exception:  # noqa: BLE001 - the store is gone: the waiters will notice
@@ -80,12 +98,14 @@ def _run_on_rank0(stage: str, fn: Callable[[], T], store) -> Optional[T]:
     try:
         result, error = _outcome_of(stage, fn)
     except BaseException as e:  # SIGINT / SIGTERM: tell the waiters now instead of after the timeout
-        store.set("outcome", pickle.dumps((f"{stage} was interrupted on rank 0 ({type(e).__name__})", True)))
+        with contextlib.suppress(Exception):
+            store.set("outcome", pickle.dumps((f"{stage} was interrupted on rank 0 ({type(e).__name__})", True)))
         raise
     finally:
         stop.set()
         thread.join()
     store.set("outcome", pickle.dumps(error))
+    _await_acks(store, waiters, timeout_s)
     if error is not None:
         raise AgreedError(*error)
     return result
@@ -97,6 +117,7 @@ def _wait_for_rank0(stage: str, store, timeout_s: float) -> None:
         try:
             if store.check(["outcome"]):
                 error = pickle.loads(store.get("outcome"))
+                store.add("acks", 1)
                 if error is not None:
                     message, internal = error
                     raise AgreedError(message, internal)
@@ -112,5 +133,5 @@ def _wait_for_rank0(stage: str, store, timeout_s: float) -> None:
             beats, moved = now_beats, now
         elif now - moved > timeout_s:
             raise PeerLostError(f"rank 0 sent no heartbeat for {now - moved:.0f}s during '{stage}' "
-                                f"(comm.timeout_s={timeout_s:g}): it is stopped, hung or dead; no video")
+                                f"(comm.timeout_s={timeout_s:g}): it is stopped, hung or dead")
         time.sleep(POLL_S)
