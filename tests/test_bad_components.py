@@ -107,3 +107,30 @@ def test_nan_video_is_not_written(src, tmp_path, monkeypatch):
     monkeypatch.setattr(WanVAE, "decode", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
     message = _run(src, tmp_path)
     assert message.startswith("the decoded video holds NaN or inf"), message
+
+
+def test_long_prompt_is_cut_with_a_warning(src, tmp_path):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("lightx2v_sp")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        cfg = load_config(CONFIG, [f"model.path={src}", f"output.path={tmp_path / 'v.mp4'}", "sample.steps=1",
+                                   "prompt=" + "a cat walks " * 20])  # 60 words + </s>, text_len 32
+        result = run(cfg, torch.device("cpu"), progress=False)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    text = result.summary["text"]
+    cut = text["prompt_tokens"][0] + text["cut_tokens"][0]
+    assert text["text_len"] == 32 and text["prompt_tokens"][0] == 32 and text["cut_tokens"] == [cut - 32, 0]
+    assert cut > 32
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert warnings == [f"warning: prompt has {cut} tokens; text_encoder.text_len=32 keeps the first 32 "
+                        f"and cuts {cut - 32}"], warnings
+    assert json.loads((tmp_path / "v.json").read_text())["text"]["cut_tokens"] == [cut - 32, 0]

@@ -39,6 +39,8 @@ def load_component(component: str, path: str, load: Callable[[], T]) -> T:
     except torch.OutOfMemoryError:
         raise
     except _file_errors() as e:
+        if "CUDA" in str(e) or "NCCL" in str(e):  # the device failed, not the file
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"could not load the {component} from {path} ({type(e).__name__}: {first}); the file "
                          "is truncated, corrupt or not this component's checkpoint") from None

@@ -3,7 +3,8 @@
 `run(cfg, device)` is what `python -m lightx2v_sp.generate` calls after joining the process group
 (it also runs inside tests' spawned ranks). Every check that could fail on one rank only runs
 through `checks.agreed`, so a user error stops all ranks with one message instead of a hang.
-Rank 0 decodes and writes; the other ranks wait for its outcome and fail with it.
+Rank 0 decodes and writes; the other ranks wait for its outcome (on its heartbeat, not a collective
+timeout: rank0_stage.py) and fail with it.
 """
 from __future__ import annotations
 
