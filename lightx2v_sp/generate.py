@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR
 
-    from lightx2v_sp.distributed.peer_lost import is_peer_lost
+    from lightx2v_sp.distributed.peer_lost import PeerLostError, is_peer_lost
     from lightx2v_sp.pipeline import AgreedError, run
     from lightx2v_sp.signals import Terminated, terminate_raises
 
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
         message = f"{prefix}error: interrupted by {name}; no video was written" if rank == 0 else ""
         return _fail(message, 128 + signum, hard=world > 1)
     except Exception as e:  # noqa: BLE001
+        if isinstance(e, PeerLostError):  # our own report of a silent rank 0
+            return _fail(f"{prefix}error: {e}; no video was written", EXIT_FAILURE, hard=world > 1)
         if is_peer_lost(e):  # a dead or stopped peer: one line, the traceback says nothing more
             first = str(e).splitlines()[0] if str(e) else ""
             return _fail(f"{prefix}error: lost a peer rank ({type(e).__name__}: {first}); a rank died or "
