@@ -82,7 +82,12 @@ def test_zero_heads_in_model_config(src, tmp_path):
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "num_heads": 0}))
     message = _run(model, tmp_path)
-    assert message.startswith(f"the DiT at {model}: Wan config num_heads=0 must be a positive integer"), message
+    assert message.startswith("the DiT's config.json gives num_heads=0; it must be a positive integer"), message
+    # the model class itself says so too (for a load without the preflight)
+    from lightx2v_sp.models.wan import WanModel
+
+    with pytest.raises(ValueError, match="Wan config num_heads=0 must be a positive integer"):
+        WanModel.from_pretrained(str(model))
 
 
 def test_nan_latents_name_the_step(src, tmp_path, monkeypatch):

@@ -79,6 +79,9 @@ def resolve_ulysses_degree(world_size: int, ulysses_degree: int, cfg_degree: int
 
 def check_layout(world_size: int, ulysses_degree: int, cfg_degree: int, num_heads: int) -> None:
     """The parallel layout fits the job and the model (pure arithmetic: no collectives)."""
+    if num_heads < 1:  # before the text stage: a broken config.json fails in seconds
+        raise ValueError(f"the DiT's config.json gives num_heads={num_heads}; it must be a positive integer "
+                         "(the checkpoint's config is broken)")
     if ulysses_degree * cfg_degree != world_size:
         hint = ("; launch it with torchrun --nproc_per_node "
                 f"{ulysses_degree * cfg_degree}" if world_size == 1 else "")
