@@ -77,9 +77,6 @@ def test_run_writes_video_and_summary(cache, tmp_path):
     (["--no-such-flag"], "unrecognized arguments"),
     (["--config", "/nonexistent/config.yaml"], "config file not found"),
     (["--config", ROOT], "is a directory; give a YAML file"),
-    ([f"seed={2 ** 64}"], "'seed' = 18446744073709551616 is outside"),
-    (["sample.height=100000"], "'sample.height' = 100000 must be <= 4096"),
-    (["sample.guidance_scale=nan"], "'sample.guidance_scale' = nan is not a finite number"),
 ])
 def test_bad_input_is_one_error_line(cache, tmp_path, args, expect):
     r = _generate(cache, *args)
