@@ -7,10 +7,12 @@ key (with a "did you mean" hint for typos).
 from __future__ import annotations
 
 import difflib
+import math
 import re
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional, Sequence
 
+import yaml
 from omegaconf import MISSING as REQUIRED
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -18,6 +20,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from lightx2v_sp.attention.names import BACKEND_CHOICES
 from lightx2v_sp.distributed.collectives import A2A_METHODS
 from lightx2v_sp.distributed.wire import COMM_DTYPES
+
+from .config_raw import is_optional, is_string_field, override_text, yaml_strings
 
 
 def _f(default: Any, doc: str, choices: Sequence[Any] | None = None):
@@ -204,6 +208,18 @@ def _check_choices(cfg: RunConfig) -> None:
             raise ValueError(f"config key '{key}' = {obj!r} is not one of {list(choices)}")
 
 
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+# Upper bounds, checked before any text encoding or loading. They sit far above every released Wan
+# setting (1280x720, 81 frames, 50 steps) and far below sizes that can never fit.
+MAX_SIDE = 4096      # 4096x4096 x 81 frames is ~1.4M tokens per step, 38x Wan's 720p
+MAX_FRAMES = 1025    # 4k+1; 64 s at 16 fps, 12.7x Wan's 81 frames
+MAX_STEPS = 1000     # the flow-matching schedules have 1000 training timesteps: more would repeat them
+UPPER_BOUND_WHY = {"height": "beyond 4K a video's tokens cannot fit in any GPU's memory",
+                   "width": "beyond 4K a video's tokens cannot fit in any GPU's memory",
+                   "num_frames": "longer videos cannot fit in any GPU's memory (Wan is trained on 81 frames)",
+                   "steps": "the sampler has 1000 training timesteps; more steps would repeat them"}
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Value checks that types alone cannot express."""
     _check_choices(cfg)
@@ -214,6 +230,19 @@ def validate(cfg: RunConfig) -> RunConfig:
                                 ("comm.timeout_s", cfg.comm.timeout_s, 1), ("text_encoder.text_len", cfg.text_encoder.text_len, 1)]:
         if value < minimum:
             raise ValueError(f"config key '{key}' = {value} must be >= {minimum}")
+    for key, value in [("sample.guidance_scale", s.guidance_scale), ("sample.shift", s.shift)]:
+        if not math.isfinite(value):
+            raise ValueError(f"config key '{key}' = {value} is not a finite number; every latent would be "
+                             "NaN and the video black")
+    if s.shift <= 0:
+        raise ValueError(f"config key 'sample.shift' = {s.shift} must be > 0 (it divides the timesteps)")
+    if not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
+        raise ValueError(f"config key 'seed' = {cfg.seed} is outside torch.Generator's range "
+                         f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}] (-2**63 .. 2**64-1)")
+    for key, value, maximum in [("sample.steps", s.steps, MAX_STEPS), ("sample.height", s.height, MAX_SIDE),
+                                ("sample.width", s.width, MAX_SIDE), ("sample.num_frames", s.num_frames, MAX_FRAMES)]:
+        if value > maximum:
+            raise ValueError(f"config key '{key}' = {value} must be <= {maximum}: {UPPER_BOUND_WHY[key.split('.')[1]]}")
     if s.height % 16 or s.width % 16:
         raise ValueError(f"sample.height x sample.width = {s.height}x{s.width} must be multiples of 16 "
                          "(VAE stride 8 x patch 2); the latents could not be patchified")
@@ -270,25 +299,70 @@ def _apply_lora_index(conf, key: str, value: str):
     return conf
 
 
+def _read_yaml(path: str):
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {path} is a directory; give a YAML file (e.g. configs/wan_t2v_tiny.yaml)") from None
+    except OSError as e:
+        raise ValueError(f"config file {path} could not be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {path} is not valid YAML: {problem}{where}") from None
+    except OmegaConfBaseException as err:
+        raise _wrap(err, path) from None
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"{path}: the top level of a config must be a mapping of keys, "
+                         f"not a {type(loaded).__name__}")
+    return loaded
+
+
+def _string_fields() -> dict:
+    return {key: f for key, f in _leaf_fields(RunConfig) if is_string_field(f)}
+
+
+def _blank(conf: DictConfig, key: str, value) -> None:
+    """Put a neutral placeholder where a raw string goes (it must never reach OmegaConf)."""
+    node = conf
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    if isinstance(node, DictConfig) and leaf in node:
+        node[leaf] = value
+
+
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Schema defaults <- YAML at `path` <- `key=value` overrides; validated, as a `RunConfig`."""
+    """Schema defaults <- YAML at `path` <- `key=value` overrides; validated, as a `RunConfig`.
+
+    String fields bypass OmegaConf (no interpolation, no YAML parsing of override values):
+    see config_raw.py.
+    """
     conf = OmegaConf.structured(RunConfig)
+    strings = _string_fields()
+    raw: dict[str, Optional[str]] = {}
     if path is not None:
+        loaded = _read_yaml(path)
+        raw.update(yaml_strings(path, strings))
+        for key, value in raw.items():
+            _blank(loaded, key, None if value is None else "")
         try:
-            loaded = OmegaConf.load(path)
-            if not isinstance(loaded, DictConfig):
-                raise ValueError(f"{path}: the top level of a config must be a mapping of keys, "
-                                 f"not a {type(loaded).__name__}")
             _normalize_lora(loaded)
             conf = OmegaConf.merge(conf, loaded)
-        except FileNotFoundError:
-            raise ValueError(f"config file not found: {path}") from None
         except OmegaConfBaseException as err:
             raise _wrap(err, path) from None
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override '{item}' is not of the form key=value (e.g. parallel.ulysses_degree=2)")
-        key = item.split("=", 1)[0]
+        key, value = item.split("=", 1)
+        if key in strings:
+            raw[key] = override_text(value, is_optional(strings[key]))
+            continue
         try:
             if _LORA_INDEX.match(key):
                 conf = _apply_lora_index(conf, key, item.split("=", 1)[1])
@@ -304,11 +378,20 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunCo
         cfg = OmegaConf.to_object(conf)
     except OmegaConfBaseException as err:
         raise _wrap(err, path or "config") from None
+    for key, value in raw.items():
+        if value is None and not is_optional(strings[key]):
+            raise ValueError(f"config key '{key}' expects str, not null")
+        *parents, leaf = key.split(".")
+        obj = cfg
+        for part in parents:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)
     return validate(cfg)
 
 
 def to_dict(cfg: RunConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """Plain nested dict (no OmegaConf round trip: a prompt's `${...}` must stay text)."""
+    return asdict(cfg)
 
 
 def describe(cfg: Optional[RunConfig] = None) -> str:

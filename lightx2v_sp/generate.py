@@ -6,7 +6,9 @@
 
 The same command runs as one process or under torchrun (one node or several). User errors
 (bad key or value, a layout that does not fit, a missing model, an unwritable output) print one
-`error: ...` line on rank 0 and exit with status 2 on every rank; no video is written.
+`error: ...` line on rank 0 and exit with status 2 on every rank; no video is written. A lost
+peer (dead or stopped rank) is one `[rank r] error: lost a peer rank ...` line and status 1;
+SIGTERM / SIGINT remove the temporary file and exit with 128 + the signal number.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ def _setup_logging(rank: int) -> None:
 
 def _fail(message: str, code: int, hard: bool) -> int:
     """Report on stderr; `hard` exits at once (peers may sit in a collective: no teardown)."""
-    print(message, file=sys.stderr, flush=True)
+    if message:
+        print(message, file=sys.stderr, flush=True)
     if hard:
         sys.stdout.flush()
         os._exit(code)
@@ -103,23 +106,38 @@ def main(argv=None) -> int:
     except ValueError as e:
         return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR
 
+    from lightx2v_sp.distributed.peer_lost import PeerLostError, is_peer_lost
     from lightx2v_sp.pipeline import AgreedError, run
+    from lightx2v_sp.signals import Terminated, terminate_raises
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {rank}] " if world > 1 else ""
     try:
-        init_distributed(device, cfg.comm.timeout_s)
-        run(cfg, device)
+        with terminate_raises():
+            init_distributed(device, cfg.comm.timeout_s)
+            run(cfg, device)
     except AgreedError as e:  # every rank raised it together: clean teardown is safe
         if rank == 0:  # report before teardown: torchrun may SIGTERM us once a peer has exited
             print(f"error: {e}", file=sys.stderr, flush=True)
         shutdown_distributed()
         return EXIT_FAILURE if e.internal else EXIT_USER_ERROR
     except ValueError as e:  # one rank only, maybe: say which, and do not wait for the others
-        prefix = f"[rank {rank}] " if world > 1 else ""
         return _fail(f"{prefix}error: {e}", EXIT_USER_ERROR, hard=world > 1)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, hard=world > 1)
-    except Exception:  # a bug or a dead peer: the traceback is the useful report
+    except (KeyboardInterrupt, Terminated) as e:
+        # on ranks > 0 this is mostly torchrun's teardown after a peer's own report: stay quiet
+        name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
+        signum = 2 if isinstance(e, KeyboardInterrupt) else e.signum
+        message = f"{prefix}error: interrupted by {name}; no video was written" if rank == 0 else ""
+        return _fail(message, 128 + signum, hard=world > 1)
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, PeerLostError):  # our own report of a silent rank 0
+            return _fail(f"{prefix}error: {e}; no video was written", EXIT_FAILURE, hard=world > 1)
+        if is_peer_lost(e):  # a dead or stopped peer: one line, the traceback says nothing more
+            first = str(e).splitlines()[0] if str(e) else ""
+            return _fail(f"{prefix}error: lost a peer rank ({type(e).__name__}: {first}); a rank died or "
+                         f"hung longer than comm.timeout_s={cfg.comm.timeout_s}; no video was written",
+                         EXIT_FAILURE, hard=world > 1)
+        # a bug: the traceback is the useful report
         traceback.print_exc()
         return _fail(f"[rank {rank}] error: the run failed (traceback above)", EXIT_FAILURE, hard=world > 1)
     shutdown_distributed()

@@ -52,11 +52,13 @@ def _error_lines(stderr: str) -> list[str]:
 
 def test_run_writes_video_and_summary(cache, tmp_path):
     out = tmp_path / "v" / "tiny.mp4"
-    r = _generate(cache, "sample.steps=2", f"output.path={out}")
+    prompt = "${oc.env:HOME}: it's a cat #1"  # text, byte for byte: no interpolation, no YAML comment
+    r = _generate(cache, "sample.steps=2", f"output.path={out}", f"prompt={prompt}")
     assert r.returncode == 0, r.stderr
     assert out.is_file() and out.stat().st_size > 1000
     summary = json.loads((tmp_path / "v" / "tiny.json").read_text())
     assert summary["output_path"] == str(out) and summary["video"]["frames"] == 9
+    assert summary["config"]["prompt"] == prompt and summary["lightx2v_sp_summary"] == 1
     assert sorted(os.listdir(out.parent)) == ["tiny.json", "tiny.mp4"]  # no temporary files left
     import imageio.v3 as iio
 
@@ -74,6 +76,7 @@ def test_run_writes_video_and_summary(cache, tmp_path):
     (["output.path=/tmp/video.avi"], "must end with .mp4"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--config", "/nonexistent/config.yaml"], "config file not found"),
+    (["--config", ROOT], "is a directory; give a YAML file"),
 ])
 def test_bad_input_is_one_error_line(cache, tmp_path, args, expect):
     r = _generate(cache, *args)
@@ -81,6 +84,15 @@ def test_bad_input_is_one_error_line(cache, tmp_path, args, expect):
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_broken_yaml_is_one_error_line(cache, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sample: {steps: 3\nprompt: x\n")
+    r = _generate(cache, "--config", str(broken))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = _error_lines(r.stderr)
+    assert f"config file {broken} is not valid YAML" in line and "line " in line, line
 
 
 def test_incomplete_model_dir(cache, tmp_path):

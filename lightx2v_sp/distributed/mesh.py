@@ -5,6 +5,8 @@ group sits on consecutive ranks: one node, one PCIe switch.
 """
 from __future__ import annotations
 
+import datetime
+
 import torch.distributed as dist
 
 
@@ -31,10 +33,12 @@ class ParallelDims:
     """Degrees of each parallel axis and the process groups that go with them.
 
     Must be built on every rank (group creation is collective) after `init_process_group`;
-    without a process group it describes a single process.
+    without a process group it describes a single process. `timeout_s` bounds every collective on
+    the new groups (None: torch's default, 30 minutes); without it a hung peer in the Ulysses or
+    CFG group hangs the job for that long, whatever the world group's timeout.
     """
 
-    def __init__(self, ulysses_degree: int = 1, cfg_degree: int = 1):
+    def __init__(self, ulysses_degree: int = 1, cfg_degree: int = 1, timeout_s: float | None = None):
         initialized = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size() if initialized else 1
         self.rank = dist.get_rank() if initialized else 0
@@ -60,16 +64,17 @@ class ParallelDims:
         self.cfg_ranks = [self.rank]
         if self.world_size == 1:
             return
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         # new_group is collective over the world: every rank creates every group, keeps its own.
         for c in range(cfg_degree):
             ranks = list(range(c * ulysses_degree, (c + 1) * ulysses_degree))
-            group = dist.new_group(ranks) if ulysses_degree > 1 else None
+            group = dist.new_group(ranks, timeout=timeout) if ulysses_degree > 1 else None
             if c == self.cfg_rank:
                 self.sp_group = group
                 self.sp_ranks = ranks
         for s in range(ulysses_degree):
             ranks = [c * ulysses_degree + s for c in range(cfg_degree)]
-            group = dist.new_group(ranks) if cfg_degree > 1 else None
+            group = dist.new_group(ranks, timeout=timeout) if cfg_degree > 1 else None
             if s == self.sp_rank:
                 self.cfg_group = group
                 self.cfg_ranks = ranks

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from lightx2v_sp.distributed import valid_layouts
 from lightx2v_sp.distributed.comm_stats import record_comm
+from lightx2v_sp.distributed.peer_lost import is_peer_lost
 
 T = TypeVar("T")
 
@@ -57,6 +58,8 @@ def agreed(stage: str, fn: Callable[[], T]) -> T:
     except ValueError as e:
         error = (str(e), False)
     except Exception as e:  # noqa: BLE001 - reported on every rank instead of hanging the others
+        if is_peer_lost(e):  # nobody left to agree with: exchanging would wait out another timeout
+            raise
         traceback.print_exc()
         error = (f"{stage} failed on rank {rank}: {type(e).__name__}: {e}", True)
     for r, e in enumerate(all_gather_objects(error, world)):
@@ -76,6 +79,9 @@ def resolve_ulysses_degree(world_size: int, ulysses_degree: int, cfg_degree: int
 
 def check_layout(world_size: int, ulysses_degree: int, cfg_degree: int, num_heads: int) -> None:
     """The parallel layout fits the job and the model (pure arithmetic: no collectives)."""
+    if num_heads < 1:  # before the text stage: a broken config.json fails in seconds
+        raise ValueError(f"the DiT's config.json gives num_heads={num_heads}; it must be a positive integer "
+                         "(the checkpoint's config is broken)")
     if ulysses_degree * cfg_degree != world_size:
         hint = ("; launch it with torchrun --nproc_per_node "
                 f"{ulysses_degree * cfg_degree}" if world_size == 1 else "")

@@ -14,6 +14,7 @@ from lightx2v_sp.attention.options import UlyssesOptions
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
 from lightx2v_sp.offload import offload_dit_blocks
 
+from .finite import check_latents
 from .guidance import guided_prediction
 from .loras import apply_loras
 from .scheduler import make_scheduler
@@ -55,11 +56,15 @@ def denoise(model: WanModel, latents: torch.Tensor, contexts, cfg, dims, show_pr
         forwards += 1
         return model(latents, timestep, context)
 
-    for t in tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True):
-        timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
-        velocity = guided_prediction(forward, contexts.cond, contexts.uncond, s.guidance_scale, dims)
-        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+    num_steps = len(scheduler.timesteps)
+    # `with`: an error or a signal mid-loop still ends the bar's line, so the error starts its own
+    with tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True) as bar:
+        for step, t in enumerate(bar, start=1):
+            timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
+            velocity = guided_prediction(forward, contexts.cond, contexts.uncond, s.guidance_scale, dims)
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            check_latents(latents, step, num_steps)
     if stats is not None:
-        stats.update(dit_forwards=forwards, steps=len(scheduler.timesteps),
+        stats.update(dit_forwards=forwards, steps=num_steps,
                      timesteps=[round(float(t), 3) for t in scheduler.timesteps])
     return latents.float()

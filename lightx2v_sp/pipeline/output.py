@@ -2,21 +2,108 @@
 
 A reader never sees a half-written video: the frames go to a hidden temporary file in the same
 directory (so the rename stays on one filesystem), which replaces the target only once complete;
-any failure removes the temporary file. `check_writable` runs before the expensive work so an
-unwritable path fails in seconds, not after the denoising.
+any failure (SIGINT and SIGTERM included: they raise) removes the temporary file. `check_writable`
+runs before the expensive work so an unwritable path fails in seconds, not after the denoising.
+
+Never replace a file this tool did not write. Ours are recognised by the summary: the JSON next to
+the video carries `"lightx2v_sp_summary": 1` and the video's name. So the summary path may be
+replaced only if it holds such a summary, and an existing video only if that summary names it.
+A temporary file's name carries its writer's pid (`.<name>.<pid>.XXXXXXXX.tmp.mp4`), so a later
+run can remove those left by a killed writer (pid gone, or older than a day) and no other file.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
 
 
+SUMMARY_MARKER = "lightx2v_sp_summary"
+STALE_TEMP_S = 24 * 3600  # a temp file this old is stale even if a process with its pid exists (pid reuse)
+_MAX_SUMMARY_BYTES = 16 << 20  # ours are a few kB: a bigger file is not one
+
+log = logging.getLogger("lightx2v_sp")
+
+
 def summary_path(video_path: str) -> str:
     return os.path.splitext(video_path)[0] + ".json"
+
+
+def _our_summary(path: str) -> dict | None:
+    """The summary at `path` if this tool wrote it, else None."""
+    try:
+        if os.path.getsize(path) > _MAX_SUMMARY_BYTES:
+            return None
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get(SUMMARY_MARKER) == 1 else None
+
+
+def check_ours(path: str) -> None:
+    """ValueError unless the video `path` and its summary are absent or written by a run of this tool."""
+    summary = summary_path(path)
+    rule = (f"(a run's own outputs are recognised by the summary next to the video, which carries "
+            f"\"{SUMMARY_MARKER}\": 1 and the video's name); remove it or choose another output.path")
+    if os.path.isdir(summary):
+        raise ValueError(f"output.path = {path}: the summary would go to {summary}, which is a directory; "
+                         "choose another output.path")
+    ours = _our_summary(summary) if os.path.lexists(summary) else None
+    if os.path.lexists(summary) and ours is None:
+        raise ValueError(f"output.path = {path}: the summary would replace {summary}, which lightx2v_sp did not "
+                         f"write {rule}")
+    if os.path.lexists(path) and (ours is None or os.path.basename(str(ours.get("output_path", "")))
+                                  != os.path.basename(path)):
+        raise ValueError(f"output.path = {path} exists and lightx2v_sp did not write it; the run would replace "
+                         f"it {rule}")
+
+
+def _writer_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Remove our temporary siblings of `path` left by killed writers; the removed paths."""
+    parent = os.path.dirname(path)
+    removed = []
+    for target in (path, summary_path(path)):
+        base, ext = os.path.splitext(os.path.basename(target))
+        pattern = re.compile(rf"\.{re.escape(base)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp{re.escape(ext)}")
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            return removed
+        for name in names:
+            m = pattern.fullmatch(name)
+            if m is None:
+                continue
+            tmp = os.path.join(parent, name)
+            try:
+                old = time.time() - os.lstat(tmp).st_mtime > STALE_TEMP_S
+                # no pid in the name: written before pids were, so only its age tells
+                if old or (m.group(1) is not None and not _writer_alive(int(m.group(1)))):
+                    os.remove(tmp)
+                    removed.append(tmp)
+            except OSError:
+                continue
+    if removed:
+        log.info("removed %d stale temporary file(s) of killed runs: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def check_writable(path: str) -> str:
@@ -36,6 +123,8 @@ def check_writable(path: str) -> str:
                          "so the run was not started") from None
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"output.path = {path} exists and is read-only; it could not be replaced")
+    check_ours(path)
+    remove_stale_temps(path)
     return path
 
 
@@ -52,7 +141,7 @@ def check_video_writer() -> None:
 
 def _tmp_sibling(path: str) -> str:
     base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=os.path.dirname(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=f".tmp{ext}", dir=os.path.dirname(path))
     os.close(fd)
     return tmp
 
@@ -63,7 +152,7 @@ def _atomic(path: str, write) -> None:
         write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # KeyboardInterrupt and SIGTERM (signals.py) too
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
@@ -94,3 +183,10 @@ def write_json(data: dict[str, Any], path: str) -> None:
             f.write("\n")
 
     _atomic(path, write)
+
+
+def write_summary(summary: dict[str, Any], video_path: str) -> None:
+    """The run's summary next to its video, marked as ours (see `check_ours`)."""
+    summary[SUMMARY_MARKER] = 1
+    summary["output_path"] = video_path
+    write_json(summary, summary_path(video_path))

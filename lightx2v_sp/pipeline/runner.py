@@ -3,7 +3,8 @@
 `run(cfg, device)` is what `python -m lightx2v_sp.generate` calls after joining the process group
 (it also runs inside tests' spawned ranks). Every check that could fail on one rank only runs
 through `checks.agreed`, so a user error stops all ranks with one message instead of a hang.
-Rank 0 decodes and writes; the other ranks wait for its outcome and fail with it.
+Rank 0 decodes and writes; the other ranks wait for its outcome (on its heartbeat, not a collective
+timeout: rank0_stage.py) and fail with it.
 """
 from __future__ import annotations
 
@@ -27,10 +28,13 @@ from lightx2v_sp.offload import ComponentPlacement, StageMemory
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
 from .denoise import denoise, install_parallel, load_dit
 from .effective import effective_layout
+from .finite import check_video
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
+from .loading import load_checked
 from .loras import check_loras
-from .output import check_video_writer, check_writable, summary_path, write_json, write_video
+from .output import check_ours, check_video_writer, check_writable, summary_path, write_summary, write_video
 from .paths import ModelPaths, model_paths_for
+from .rank0_stage import rank0_stage
 from .text import check_text_encoder_layout, encode_prompts
 
 log = logging.getLogger("lightx2v_sp")
@@ -112,7 +116,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     with stages("preflight"):
         paths, out_path = agreed("preflight", lambda: _preflight(cfg, device))
-        dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree)
+        dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s)
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
 
@@ -121,8 +125,9 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     with stages("load"):
         def load():
-            model = load_dit(paths.dit, cfg, device, dtype)
-            vae = WanVAE.from_pretrained(paths.vae) if rank == 0 else None
+            model = load_checked("DiT", paths.dit, lambda: load_dit(paths.dit, cfg, device, dtype))
+            vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae),
+                               weights=lambda v: v.vae) if rank == 0 else None
             if vae is not None and vae.z_dim != model.config.in_dim:
                 raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
                                  f"{paths.dit} takes in_dim={model.config.in_dim}; they are not one model")
@@ -146,7 +151,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     lora_summary = getattr(model, "lora_summary", [])
     if offload is not None:
         offload.release_buffers()
-    prompt_tokens = contexts.num_tokens
+    prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
     del model, contexts
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -164,20 +169,23 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
             placement = ComponentPlacement(vae.vae, cfg.offload.vae, device, name="vae")
             with placement.on_device():
                 video = vae.decode(latents, device=placement.execution_device)[0].cpu()
+            check_video(video)
         with stages("write"):
+            check_ours(out_path)  # again: files may have appeared there during the run
             write_video(to_uint8_frames(video), out_path, s.fps)
         result.video = video if keep_video else None
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
-        result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
+        result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len,
+                                  "cut_tokens": cut_tokens}  # beyond text_len, per prompt (warned)
         result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
                                      "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
         result.summary["lora"] = lora_summary
-        write_json(result.summary, summary_path(out_path))
+        write_summary(result.summary, out_path)
 
-    agreed("decoding and writing the video", finish)
+    rank0_stage("decoding and writing the video", finish, cfg.comm.timeout_s)  # heartbeat, not a timeout
     if rank == 0:
         log.info("wrote %s and %s", out_path, summary_path(out_path))
     return result

@@ -8,15 +8,20 @@ The encoder is dropped after this stage: one run encodes one prompt pair.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from lightx2v_sp.models.t5 import T5Encoder, T5Shard, load_tokenizer, parallelize_t5, tokenize
+from lightx2v_sp.models.t5.tokenizer import clean_prompt
 from lightx2v_sp.offload import ComponentPlacement
 
 from .checks import agreed
+from .loading import load_checked, load_component
+
+log = logging.getLogger("lightx2v_sp")
 
 
 @dataclass
@@ -24,6 +29,7 @@ class TextContexts:
     cond: torch.Tensor                 # [1, L, d_model]
     uncond: Optional[torch.Tensor]     # [1, L, d_model], None without guidance
     num_tokens: list[int]              # real tokens per prompt (incl. </s>), for the summary
+    cut_tokens: list[int] = field(default_factory=list)  # tokens beyond text_len dropped, per prompt
 
 
 def check_text_encoder_layout(te_cfg, device: torch.device, world_size: int) -> None:
@@ -32,6 +38,19 @@ def check_text_encoder_layout(te_cfg, device: torch.device, world_size: int) -> 
         raise ValueError(f"text_encoder.parallel={te_cfg.parallel} with text_encoder.device=cpu would run NCCL "
                          "collectives on CPU tensors, which NCCL cannot do; use text_encoder.device=swap "
                          "(GPU only for the text stage) or text_encoder.parallel=replicate")
+
+
+def cut_tokens(tokenizer, prompts: list[str], text_len: int) -> list[int]:
+    """Tokens beyond `text_len` that the encoder will not see, per prompt (warned about, not an error)."""
+    names = ["prompt", "negative_prompt"]
+    cut = []
+    for name, prompt in zip(names, prompts):
+        n = len(tokenizer(clean_prompt(prompt), add_special_tokens=True)["input_ids"])
+        cut.append(max(0, n - text_len))
+        if n > text_len:
+            log.warning("warning: %s has %d tokens; text_encoder.text_len=%d keeps the first %d and cuts %d",
+                        name, n, text_len, text_len, n - text_len)
+    return cut
 
 
 def load_text_encoder(path: str, te_cfg, dtype: torch.dtype, dims) -> T5Encoder:
@@ -46,16 +65,18 @@ def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -
     prompts = [cfg.prompt] + ([cfg.negative_prompt] if use_uncond else [])
 
     def load():
-        tokenizer = load_tokenizer(paths.tokenizer)
-        encoder = load_text_encoder(paths.text_encoder, te_cfg, dtype, dims)
+        tokenizer = load_component("tokenizer", paths.tokenizer, lambda: load_tokenizer(paths.tokenizer))
+        encoder = load_checked("UMT5 text encoder", paths.text_encoder,
+                               lambda: load_text_encoder(paths.text_encoder, te_cfg, dtype, dims))
         ids, mask = tokenize(tokenizer, prompts, te_cfg.text_len)
+        cut = cut_tokens(tokenizer, prompts, te_cfg.text_len)
         if int(ids.max()) >= encoder.config.vocab_size:
             raise ValueError(f"the tokenizer at {paths.tokenizer} produced token id {int(ids.max())}, but the text "
                              f"encoder at {paths.text_encoder} has {encoder.config.vocab_size} embeddings; they "
                              "do not belong together")
-        return encoder, ids, mask
+        return encoder, ids, mask, cut
 
-    encoder, ids, mask = agreed("loading the text encoder", load)
+    encoder, ids, mask, cut = agreed("loading the text encoder", load)
     parallelize_t5(encoder, dims, mode=te_cfg.parallel, symmetric_memory=cfg.comm.symmetric_memory)
     placement = ComponentPlacement(encoder, te_cfg.device, device, name="text_encoder")
     with torch.no_grad(), placement.on_device() as enc:
@@ -65,4 +86,4 @@ def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return TextContexts(cond=context[:1], uncond=context[1:2] if use_uncond else None,
-                        num_tokens=[int(n) for n in mask.sum(dim=1)])
+                        num_tokens=[int(n) for n in mask.sum(dim=1)], cut_tokens=cut)

@@ -24,6 +24,12 @@ class WanConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys of the source config, kept for saving
 
     def __post_init__(self):
+        for name in ("dim", "num_heads", "num_layers", "ffn_dim", "in_dim", "out_dim", "text_dim", "freq_dim",
+                     "text_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Wan config {name}={value!r} must be a positive integer; the checkpoint's "
+                                 "config.json is broken")
         self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.model_type != "t2v":
             raise ValueError(f"model_type={self.model_type!r}: only text-to-video ('t2v') Wan2.1 models are "

@@ -1,0 +1,139 @@
+"""Outputs: never replace a file this tool did not write; temp files go on SIGTERM and after SIGKILL."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lightx2v_sp.pipeline import output
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ours(tmp_path, name="v"):
+    """A video and the summary a run of ours leaves."""
+    video = tmp_path / f"{name}.mp4"
+    video.write_bytes(b"old video")
+    output.write_summary({"stage_times_s": {}}, str(video))
+    return video
+
+
+def test_own_outputs_may_be_replaced(tmp_path):
+    video = _ours(tmp_path)
+    assert json.loads((tmp_path / "v.json").read_text())["lightx2v_sp_summary"] == 1
+    assert output.check_writable(str(video)) == str(video)
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda d: (d / "v.mp4").write_bytes(b"someone's video"), "v.mp4 exists and lightx2v_sp did not write it"),
+    (lambda d: (d / "v.json").write_text('{"name": "a model config"}'), "v.json, which lightx2v_sp did not write"),
+    (lambda d: (d / "v.json").write_bytes(b"\x00\xff not json"), "v.json, which lightx2v_sp did not write"),
+    (lambda d: (d / "v.json").mkdir(), "v.json, which is a directory"),
+    # our summary, but it names another video: v.mp4 is someone else's
+    (lambda d: (output.write_summary({}, str(d / "w.mp4")), os.rename(d / "w.json", d / "v.json"),
+                (d / "v.mp4").write_bytes(b"x")), "v.mp4 exists and lightx2v_sp did not write it"),
+])
+def test_foreign_files_are_never_replaced(tmp_path, setup, fragment):
+    setup(tmp_path)
+    before = {p.name: (p.read_bytes() if p.is_file() else None) for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError) as err:
+        output.check_writable(str(tmp_path / "v.mp4"))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert "lightx2v_sp_summary" in str(err.value) or "directory" in str(err.value)  # the rule is stated
+    assert {p.name: (p.read_bytes() if p.is_file() else None) for p in tmp_path.iterdir()} == before
+
+
+def test_model_config_is_not_clobbered(tmp_path):
+    (tmp_path / "config.json").write_text('{"dim": 96, "num_heads": 6}')
+    with pytest.raises(ValueError, match="config.json, which lightx2v_sp did not write"):
+        output.check_writable(str(tmp_path / "config.mp4"))
+
+
+def test_temp_names_carry_the_pid(tmp_path):
+    tmp = output._tmp_sibling(str(tmp_path / "v.mp4"))
+    assert os.path.basename(tmp).startswith(f".v.{os.getpid()}.") and tmp.endswith(".tmp.mp4")
+
+
+def test_stale_temps_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    names = {
+        f".v.{dead_pid}.abcdefgh.tmp.mp4": False,      # killed writer: removed
+        f".v.{dead_pid}.abcdefgh.tmp.json": False,     # its summary temp: removed
+        f".v.{os.getpid()}.abcdefgh.tmp.mp4": True,    # a live writer (this process): kept
+        ".v.abcdefgh.tmp.mp4": True,                   # no pid (older versions) and recent: kept
+        ".v.zyxwvuts.tmp.mp4": False,                  # no pid and older than a day: removed
+        f".w.{dead_pid}.abcdefgh.tmp.mp4": True,       # another output's temp: not ours to judge
+        f"v.{dead_pid}.abcdefgh.tmp.mp4": True,        # not hidden: not our pattern
+        "notes.txt": True,
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    day_ago = time.time() - output.STALE_TEMP_S - 60
+    os.utime(tmp_path / ".v.zyxwvuts.tmp.mp4", (day_ago, day_ago))
+    output.check_writable(str(tmp_path / "v.mp4"))
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, keep in names.items() if keep)
+
+
+_SLOW_WRITE = """
+import sys, time
+from lightx2v_sp.pipeline import output
+from lightx2v_sp.signals import Terminated, terminate_raises
+def write(tmp):
+    open(tmp, "wb").write(b"partial")
+    print("writing", flush=True)
+    time.sleep(60)
+try:
+    with terminate_raises():
+        output._atomic(sys.argv[1], write)
+except Terminated as e:
+    print(f"error: interrupted by {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+"""
+
+
+def test_sigterm_during_write_removes_the_temp_file(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, str(tmp_path / "v.mp4")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        assert len(list(tmp_path.glob(".v.*.tmp.mp4"))) == 1
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "error: interrupted by SIGTERM" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_during_a_run_is_one_error_line(tmp_path):
+    from lightx2v_sp.models import tiny
+
+    cache = str(tmp_path / "cache")
+    tiny.ensure_tiny_model(cache)
+    out = tmp_path / "out" / "v.mp4"
+    env = dict(os.environ, LIGHTX2V_SP_CACHE=cache, OMP_NUM_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    config = os.path.join(ROOT, "configs", "wan_t2v_tiny.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "lightx2v_sp.generate", "--config", config, "sample.steps=1000",
+                             f"output.path={out}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    try:
+        while not re.search(rb"denoise:[^\r\n]*\| *[1-9]\d*/1000", seen):  # mid-denoise: a step is done
+            chunk = proc.stderr.read1(4096)
+            assert chunk, seen.decode(errors="replace")[-2000:]
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    lines = [line for line in (seen + rest).decode(errors="replace").replace("\r", "\n").splitlines()
+             if "error:" in line]
+    assert proc.returncode == 143 and lines == ["error: interrupted by SIGTERM; no video was written"], lines
+    assert "Traceback" not in rest.decode(errors="replace")
+    assert os.listdir(out.parent) == []
