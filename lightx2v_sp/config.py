@@ -77,6 +77,15 @@ class OffloadConfig:
 
 
 @dataclass
+class VaeConfig:
+    dtype: str = _f("fp32", "VAE decode dtype: fp32, or bf16 (about half the decode memory and time)", ["fp32", "bf16"])
+    parallel: str = _f("split", "split: every rank decodes a band of latent rows (exact: halos, no blending) and "
+                                "rank 0 gathers the video; rank0: rank 0 decodes alone", ["split", "rank0"])
+    tiling: int = _f(1, "row bands each decoding rank works through one after another (exact, like split); "
+                        ">1 lowers the decode peak on one GPU at the cost of recomputing the halo rows")
+
+
+@dataclass
 class CommConfig:
     symmetric_memory: bool = _f(False, "allocate text-encoder collective buffers from NCCL symmetric memory")
     timeout_s: int = _f(600, "collective timeout in seconds; a dead rank fails the job instead of hanging")
@@ -99,6 +108,7 @@ class RunConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig, metadata={"doc": "local attention kernel"})
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, metadata={"doc": "UMT5 placement"})
     offload: OffloadConfig = field(default_factory=OffloadConfig, metadata={"doc": "CPU offload"})
+    vae: VaeConfig = field(default_factory=VaeConfig, metadata={"doc": "VAE decode: dtype, split over ranks, tiling"})
     comm: CommConfig = field(default_factory=CommConfig, metadata={"doc": "communication settings"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"doc": "where results go"})
 
@@ -174,7 +184,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value, minimum in [("sample.steps", s.steps, 1), ("sample.height", s.height, 16),
                                 ("sample.width", s.width, 16), ("sample.num_frames", s.num_frames, 1),
                                 ("sample.fps", s.fps, 1), ("parallel.ulysses_degree", p.ulysses_degree, 0),
-                                ("comm.timeout_s", cfg.comm.timeout_s, 1), ("text_encoder.text_len", cfg.text_encoder.text_len, 1)]:
+                                ("comm.timeout_s", cfg.comm.timeout_s, 1), ("text_encoder.text_len", cfg.text_encoder.text_len, 1),
+                                ("vae.tiling", cfg.vae.tiling, 1)]:
         if value < minimum:
             raise ValueError(f"config key '{key}' = {value} must be >= {minimum}")
     if s.height % 16 or s.width % 16:

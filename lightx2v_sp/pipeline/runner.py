@@ -3,7 +3,8 @@
 `run(cfg, device)` is what `python -m lightx2v_sp.generate` calls after joining the process group
 (it also runs inside tests' spawned ranks). Every check that could fail on one rank only runs
 through `checks.agreed`, so a user error stops all ranks with one message instead of a hang.
-Rank 0 decodes and writes; the other ranks wait for its outcome and fail with it.
+Every rank decodes a band of the video's rows (pipeline/decode.py) and rank 0 gathers and writes
+it; the other ranks wait for its outcome and fail with it.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import torch.distributed as dist
 from lightx2v_sp.config import to_dict
 from lightx2v_sp.distributed import CommStats, ParallelDims
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
-from lightx2v_sp.offload import ComponentPlacement, StageMemory
+from lightx2v_sp.offload import StageMemory
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
+from .decode import decode_rows, gather_video, vae_on_every_rank
 from .denoise import denoise, install_parallel, load_dit
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
@@ -118,7 +120,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     with stages("load"):
         def load():
             model = load_dit(paths.dit, cfg, device, dtype)
-            vae = WanVAE.from_pretrained(paths.vae) if rank == 0 else None
+            vae = (WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype])
+                   if rank == 0 or vae_on_every_rank(cfg.vae, world) else None)
             if vae is not None and vae.z_dim != model.config.in_dim:
                 raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
                                  f"{paths.dit} takes in_dim={model.config.in_dim}; they are not one model")
@@ -146,13 +149,15 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                                    "peak_memory": stages.memory.as_dict(), "times": dict(stages.times)}, world)
     result = RunResult(latents=latents.cpu())
 
+    with stages("decode"):  # every rank decodes its band of rows (vae.parallel=split); rank 0 gathers
+        piece, rows = agreed("decoding the video", lambda: decode_rows(vae, latents, device, cfg.vae,
+                                                                        cfg.offload.vae, world, rank))
+        video = gather_video(piece, rows, world, rank)
+        del piece
+
     def finish():
         if rank != 0:
             return
-        with stages("decode"):
-            placement = ComponentPlacement(vae.vae, cfg.offload.vae, device, name="vae")
-            with placement.on_device():
-                video = vae.decode(latents, device=placement.execution_device)[0].cpu()
         with stages("write"):
             write_video(to_uint8_frames(video), out_path, s.fps)
         result.video = video if keep_video else None
@@ -161,7 +166,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
         write_json(result.summary, summary_path(out_path))
 
-    agreed("decoding and writing the video", finish)
+    agreed("writing the video", finish)
     if rank == 0:
         log.info("wrote %s and %s", out_path, summary_path(out_path))
     return result
