@@ -103,6 +103,8 @@ class RunConfig:
     negative_prompt: str = _f("", "negative prompt for classifier-free guidance")
     seed: int = _f(42, "seed of the initial latents; same seed -> same video on any layout")
     device: str = _f("auto", "auto = cuda when available, else cpu", ["auto", "cuda", "cpu"])
+    memory_check: bool = _f(True, "on CUDA, stop before loading when the memory plan (--plan) says a rank's "
+                                  "peak exceeds its GPU's free memory, with the setting that would fit")
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"doc": "sampling schedule and video size"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "sequence / CFG parallelism"})
     attention: AttentionConfig = field(default_factory=AttentionConfig, metadata={"doc": "local attention kernel"})

@@ -3,10 +3,12 @@
     python -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml [key=value ...]
     torchrun --nproc_per_node 2 -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml parallel.ulysses_degree=2
     python -m lightx2v_sp.generate --help-config        # every key, its default and what it does
+    python -m lightx2v_sp.generate --config X --plan [--gpus N] [--gpu-memory GiB]   # memory plan, no loading
 
 The same command runs as one process or under torchrun (one node or several). User errors
 (bad key or value, a layout that does not fit, a missing model, an unwritable output) print one
 `error: ...` line on rank 0 and exit with status 2 on every rank; no video is written.
+`--plan` prints the memory plan (lightx2v_sp/plan.py) and exits 0 when every rank fits, 3 when not.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import warnings
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+EXIT_DOES_NOT_FIT = 3
 
 
 def _env_rank() -> int:
@@ -43,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="YAML config (default: configs/wan_t2v_tiny.yaml, the embedded tiny model)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan per rank and stage (no weights loaded) and whether it fits; exit")
+    p.add_argument("--gpus", type=int, default=None, help="ranks the plan assumes (default: WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                   help="GPU memory per rank the plan checks against (default: free memory of this GPU, "
+                        "else 24 GiB)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. parallel.ulysses_degree=2 sample.steps=10")
     return p
@@ -88,6 +97,17 @@ def main(argv=None) -> int:
         device = resolve_device(cfg.device)
     except ValueError as e:
         return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR
+
+    if args.plan:
+        from lightx2v_sp.plan import main_plan
+
+        try:
+            text, ok = main_plan(cfg, args.gpus, args.gpu_memory)
+        except ValueError as e:
+            return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR
+        if rank == 0:
+            print(text)
+        return 0 if ok else EXIT_DOES_NOT_FIT
 
     from lightx2v_sp.pipeline import AgreedError, run
 

@@ -23,6 +23,7 @@ from lightx2v_sp.config import to_dict
 from lightx2v_sp.distributed import CommStats, ParallelDims
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import StageMemory
+from lightx2v_sp.plan import check_before_loading
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
 from .decode import decode_rows, gather_video, vae_on_every_rank
@@ -81,6 +82,7 @@ def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
     check_text_encoder_layout(cfg.text_encoder, device, world)
     paths = model_paths_for(cfg.model)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
+    check_before_loading(cfg, device, world, rank)  # CUDA only: the memory plan against free memory
     return paths, out
 
 

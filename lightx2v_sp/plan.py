@@ -1,0 +1,462 @@
+"""The memory plan of a run: GPU and host bytes per rank and stage, before anything is loaded.
+
+    python -m lightx2v_sp.generate --config X --plan [--gpus N] [--gpu-memory GiB]
+
+Weights are counted exactly (the modules are built on the meta device from the checkpoint's
+config, or from the named Wan2.1 configs when the checkpoint is not on this machine).
+Activations and the VAE decode are formulas calibrated on one H100 (BENCHMARKS.md, issue 12):
+
+- DiT forward, bf16, per token held by the rank: (7.2 dim + 1.62 ffn_dim) values. Fitted to the
+  activation peaks of Wan2.1-1.3B (1.56 GiB) and 14B (3.62 GiB) at 480p (32760 tokens, one rank):
+  the mean of resident (4.21 / 30.27 GiB) and block offload (1.78 / 5.32 GiB) minus their weights.
+- VAE decode: the causal-conv caches are counted from the decoder's modules (2 frames of every
+  cached conv input, at the rows of the band the rank decodes), plus transient activations at the
+  top resolution, TRANSIENT_PER_PX values per output pixel: what is left of the measured 480p fp32
+  whole-frame peak (9.26 GiB) after the weights, the caches and the video. The same formula gives
+  20.75 GiB for 720p (measured 20.71); bf16 halves every term (measured 4.63 / 10.36).
+
+The plan of one rank is what the runner checks before loading (CUDA only, `memory_check`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+GIB = 1 << 30
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# DiT activation values per local token: a * dim + b * ffn_dim (see the module doc)
+DIT_ACT_DIM, DIT_ACT_FFN = 7.2, 1.62
+# text encoder: per token, a few hidden states and one FFN intermediate are live at a time
+T5_ACT_DMODEL, T5_ACT_FF = 8.0, 2.0
+# VAE decode: whole-frame fp32 480p peak of Wan2.1's VAE, 81 frames, one H100 (issue 12)
+VAE_CALIBRATION = {"peak_bytes": 9.26 * GIB, "dtype_bytes": 4, "height": 480, "width": 832, "frames": 81}
+# fraction of a GPU the plan may fill: the CUDA context, allocator rounding and fragmentation need the rest
+USABLE = 0.92
+
+
+@dataclass
+class Shapes:
+    """What the plan needs to know about the checkpoint."""
+
+    name: str
+    dit: object            # WanConfig
+    t5: object             # T5Config
+    vae: dict              # AutoencoderKLWan kwargs
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    gpu: dict = field(default_factory=dict)    # component -> bytes on the GPU at the stage's peak
+    host: dict = field(default_factory=dict)   # component -> bytes of host memory held
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    stages: list
+
+    @property
+    def gpu_peak(self) -> int:
+        return max(s.gpu_total for s in self.stages)
+
+    @property
+    def host_peak(self) -> int:
+        return max(s.host_total for s in self.stages)
+
+    def peak_stage(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.gpu_total)
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def model_shapes(model_cfg) -> Shapes:
+    """Configs of the DiT, UMT5 and VAE that `model` names, read without loading any weight."""
+    from lightx2v_sp.models.t5.model import T5Config
+    from lightx2v_sp.models.wan import WanConfig
+
+    if model_cfg.path is None:
+        from lightx2v_sp.models.tiny import TINY_T5, TINY_VAE, TINY_WAN
+
+        return Shapes("tiny (embedded)", WanConfig(**TINY_WAN), T5Config(**TINY_T5), dict(TINY_VAE))
+    root = os.path.expanduser(model_cfg.path)
+    t5, vae = T5Config.umt5_xxl(), {}
+    vae_dir = model_cfg.vae_path or os.path.join(root, "vae")
+    vae_json = _read_json(os.path.join(vae_dir, "config.json")) if os.path.isdir(vae_dir) else None
+    if vae_json:
+        import inspect
+
+        from diffusers import AutoencoderKLWan
+
+        known = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
+        vae = {k: v for k, v in vae_json.items() if k in known}
+    official = _read_json(os.path.join(root, "config.json"))
+    if official and "dim" in official:
+        return Shapes(root, WanConfig.from_official(official), t5, vae)
+    diffusers = _read_json(os.path.join(root, "transformer", "config.json"))
+    if diffusers:
+        return Shapes(root, WanConfig.from_diffusers(diffusers), t5, vae)
+    base = os.path.basename(os.path.normpath(root)).lower()
+    for tag, make in (("14b", WanConfig.t2v_14b), ("1.3b", WanConfig.t2v_1_3b)):
+        if tag in base:
+            return Shapes(f"{root} (not on this machine: the named Wan2.1 {tag.upper()} config)", make(), t5, vae)
+    raise ValueError(f"model.path {root} holds no DiT config.json (official or transformer/) and its name "
+                     "says neither 14B nor 1.3B; the plan cannot know the model's size")
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
+
+
+def dit_numel(dit_cfg) -> dict:
+    """{'blocks': all transformer blocks, 'block': one block, 'other': embeddings, head}."""
+    from lightx2v_sp.models.wan import WanModel
+
+    key = repr(dit_cfg)
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            model = WanModel(dit_cfg)
+        blocks = _numel(model.blocks)
+        _COUNTS[key] = {"blocks": blocks, "block": _numel(model.blocks[0]), "other": _numel(model) - blocks}
+    return dict(_COUNTS[key])
+
+
+_COUNTS: dict = {}  # meta-device parameter counts by config (a 14B model takes a second to build)
+
+
+def _meta_vae(vae_kwargs: dict):
+    return _meta_vae_cached(json.dumps(vae_kwargs, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_vae_cached(key: str):
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        return AutoencoderKLWan(**json.loads(key))
+
+
+def _t5_numel(t5_cfg, mode: str, world: int, rank: int) -> int:
+    from lightx2v_sp.models.t5.budget import weight_numel
+
+    key = (repr(t5_cfg), mode, world, rank)
+    if key not in _COUNTS:
+        _COUNTS[key] = weight_numel(t5_cfg, mode, world, rank)["total"]
+    return _COUNTS[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE decode
+
+def _cached_convs(decoder) -> list[tuple[int, int]]:
+    """(factor, input channels) of every causal conv that caches 2 frames, in execution order."""
+    out = [(1, decoder.conv_in.in_channels)]
+    for res in decoder.mid_block.resnets:
+        out += [(1, res.conv1.in_channels), (1, res.conv2.in_channels)]
+    factor = 1
+    for block in decoder.up_blocks:
+        for res in block.resnets:
+            out += [(factor, res.conv1.in_channels), (factor, res.conv2.in_channels)]
+        if block.upsamplers is not None:
+            up = block.upsamplers[0]
+            if up.mode == "upsample3d":
+                out.append((factor, up.time_conv.in_channels))
+            if up.mode in ("upsample2d", "upsample3d"):
+                factor *= 2
+    out.append((factor, decoder.conv_out.in_channels))
+    return out
+
+
+def _caches_per_px(decoder, top: int) -> float:
+    """Cached values per output pixel of a whole frame (2 frames of each cached conv input)."""
+    return sum(2 * c * (f / top) ** 2 for f, c in _cached_convs(decoder))
+
+
+def _transient_per_px() -> float:
+    """Values per output pixel live at the decode's peak beyond the caches and the video: the rest of
+    the calibration peak ~ weights + px x (caches + transient + 3 x frames), for Wan2.1's VAE."""
+    from lightx2v_sp.models.vae_rows import decoder_stages
+
+    c = VAE_CALIBRATION
+    vae = _meta_vae({})
+    _, top = decoder_stages(vae.decoder)
+    px = c["height"] * c["width"]
+    total = (c["peak_bytes"] / c["dtype_bytes"] - _numel(vae)) / px
+    return total - _caches_per_px(vae.decoder, top) - 3 * c["frames"]
+
+
+def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: int, dtype_bytes: int,
+                     bands: list[tuple[int, int]], receive_rows: int = 0) -> dict:
+    """GPU bytes of one rank's decode: {'weights', 'caches', 'activations', 'video'}.
+
+    `bands`: the latent row bands the rank decodes one after another ([] = none; one band
+    (0, H) = the whole frame); `receive_rows`: pixel rows of the largest piece rank 0 receives
+    from another rank while gathering (its receive buffer, on the device).
+    """
+    from lightx2v_sp.models.vae_rows import band_window, decoder_stages
+
+    vae = _meta_vae(vae_kwargs)
+    weights = _numel(vae) * dtype_bytes
+    if not bands:
+        return {"weights": 0, "caches": 0, "activations": 0, "video": 0}
+    height, width = latent_hw
+    stages, top = decoder_stages(vae.decoder)
+    halo = {}
+    for s in stages:  # the widest window at each factor: the first stage there
+        halo.setdefault(s.factor, s.halo)
+    convs = _cached_convs(vae.decoder)
+    px_width = width * top
+    transient_per_px = _transient_per_px() * vae.decoder.conv_out.in_channels / 96
+    worst = (0.0, 0.0)
+    for a, b in bands:
+        caches = 0.0
+        for f, c in convs:
+            lo, hi = (0, height * f) if f == 1 else band_window(a, b, height, f, halo.get(f, 0))
+            caches += 2 * c * (hi - lo) * width * f
+        lo, hi = band_window(a, b, height, top, halo.get(top, 0))
+        transient = transient_per_px * (hi - lo) * px_width
+        worst = max(worst, (caches, transient), key=sum)
+    rows = top * sum(b - a for a, b in bands)
+    video_values = 3 * num_frames * px_width * rows
+    if len(bands) > 1:
+        video_values += 3 * num_frames * px_width * rows  # the bands' concatenation
+    # the gather's receive buffer comes after the decode freed its caches: it only counts past them
+    video_values += max(0.0, 3 * num_frames * px_width * receive_rows - sum(worst))
+    return {"weights": weights, "caches": int(worst[0] * dtype_bytes), "activations": int(worst[1] * dtype_bytes),
+            "video": int(video_values * dtype_bytes)}
+
+
+# ------------------------------------------------------------------------------------------------
+# one rank
+
+def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
+    from lightx2v_sp.distributed import split_sizes
+    from lightx2v_sp.pipeline.checks import resolve_ulysses_degree
+    from lightx2v_sp.pipeline.decode import row_bands
+    from lightx2v_sp.pipeline.latents import latent_shape
+
+    s = cfg.sample
+    mb = DTYPE_BYTES[cfg.model.dtype]
+    dit = shapes.dit
+    _, frames, lat_h, lat_w = latent_shape(dit.in_dim, s.num_frames, s.height, s.width)
+    ulysses = resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree)
+    tokens = frames * (lat_h // dit.patch_size[1]) * (lat_w // dit.patch_size[2])
+    local_tokens = split_sizes(tokens, ulysses)[rank % ulysses]
+
+    # text: the encoder on the GPU (gpu/swap) or the host (cpu) for this stage only
+    te = cfg.text_encoder
+    te_mode = te.parallel if world > 1 else "replicate"
+    t5_bytes = _t5_numel(shapes.t5, te_mode, world, rank) * mb
+    prompts = 2 if s.guidance_scale != 1.0 else 1
+    t5_tokens = prompts * te.text_len
+    if te_mode == "dp":
+        t5_tokens = te.text_len * split_sizes(prompts, world)[rank]
+    t5_act = t5_tokens * (T5_ACT_DMODEL * shapes.t5.d_model + T5_ACT_FF * shapes.t5.d_ff) * mb
+    text = StagePlan("text")
+    if te.device in ("gpu", "swap"):
+        text.gpu["text encoder"] = t5_bytes
+        text.gpu["text activations"] = int(t5_act)
+    if te.device in ("cpu", "swap"):
+        text.host["text encoder"] = t5_bytes
+
+    # denoise: DiT weights resident or two blocks streamed from pinned host memory
+    n = dit_numel(dit)
+    den = StagePlan("denoise")
+    if cfg.offload.dit == "block":
+        den.gpu["DiT (non-block + 2 blocks)"] = (n["other"] + 2 * n["block"]) * mb
+        den.host["DiT blocks, pinned"] = n["blocks"] * mb
+    else:
+        den.gpu["DiT"] = (n["other"] + n["blocks"]) * mb
+    den.gpu["DiT activations"] = int(local_tokens * (DIT_ACT_DIM * dit.dim + DIT_ACT_FFN * dit.ffn_dim) * mb)
+
+    # decode: this rank's bands (pipeline/decode.py's layout)
+    vb = DTYPE_BYTES[cfg.vae.dtype]
+    split = cfg.vae.parallel == "split" and world > 1
+    layout = row_bands(lat_h, world if split else 1, cfg.vae.tiling)
+    if not split:
+        layout += [[] for _ in range(world - 1)]
+    receive = 0
+    if rank == 0 and split:
+        receive = max((8 * sum(b - a for a, b in bands) for bands in layout[1:]), default=0)
+    vae = vae_decode_bytes(shapes.vae, (lat_h, lat_w), s.num_frames, vb, layout[rank], receive)
+    dec = StagePlan("decode")
+    on_gpu = cfg.offload.vae != "cpu"
+    if layout[rank] and on_gpu:
+        dec.gpu["VAE"] = vae["weights"]
+        dec.gpu["VAE decode activations"] = vae["activations"]
+        dec.gpu["video rows"] = vae["video"]
+    vae_host = _numel(_meta_vae(shapes.vae)) * vb
+    if layout[rank] or rank == 0:
+        for st in (text, den, dec):
+            st.host["VAE"] = vae_host  # loaded on the host, moved to the GPU for the decode
+    if rank == 0:
+        dec.host["video (fp32)"] = 3 * s.num_frames * s.height * s.width * 4
+    if den.host.get("DiT blocks, pinned"):
+        dec.host["DiT blocks, pinned"] = 0  # released before the decode
+    return RankPlan(rank, [text, den, dec])
+
+
+def make_plan(cfg, world: int) -> tuple[Shapes, list[RankPlan]]:
+    shapes = model_shapes(cfg.model)
+    return shapes, [plan_rank(cfg, shapes, world, r) for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------------------
+# verdict and suggestions
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def fits(ranks: list[RankPlan], gpu_bytes: int) -> bool:
+    return all(r.gpu_peak <= USABLE * gpu_bytes for r in ranks)
+
+
+_FIXES = [  # (setting, overrides applied to a copy of the config)
+    ("offload.dit=block", {"offload": {"dit": "block"}}),
+    ("vae.dtype=bf16", {"vae": {"dtype": "bf16"}}),
+    ("text_encoder.device=cpu", {"text_encoder": {"device": "cpu"}}),
+    ("text_encoder.parallel=tp", {"text_encoder": {"parallel": "tp"}}),
+]
+
+
+def _with(cfg, changes: dict):
+    import copy
+
+    new = copy.deepcopy(cfg)
+    for section, values in changes.items():
+        for k, v in values.items():
+            setattr(getattr(new, section), k, v)
+    return new
+
+
+def suggestions(cfg, world: int, gpu_bytes: int, shapes: Optional[Shapes] = None) -> list[str]:
+    """Single config changes (and their combination) after which every rank fits, with its peak."""
+    shapes = shapes or model_shapes(cfg.model)
+    out, combined = [], {}
+    candidates = list(_FIXES)
+    for k in (2, 4, 8, 16):
+        if cfg.vae.tiling < k:
+            candidates.append((f"vae.tiling={k}", {"vae": {"tiling": k}}))
+    for name, change in candidates:
+        key, value = name.split("=")
+        section, leaf = key.split(".")
+        if str(getattr(getattr(cfg, section), leaf)) == value:
+            continue
+        if leaf == "parallel" and world == 1:
+            continue
+        new = _with(cfg, change)
+        ranks = [plan_rank(new, shapes, world, r) for r in range(world)]
+        peak = max(r.gpu_peak for r in ranks)
+        if fits(ranks, gpu_bytes):
+            out.append(f"set {name}: {_gib(peak)} GiB")
+        if peak < max(plan_rank(cfg, shapes, world, r).gpu_peak for r in range(world)):
+            for section, values in change.items():
+                if section == "vae" and "tiling" in values and "tiling" in combined.get("vae", {}):
+                    continue
+                combined.setdefault(section, {}).update(values)
+    if not out and combined:
+        new = _with(cfg, combined)
+        ranks = [plan_rank(new, shapes, world, r) for r in range(world)]
+        settings = " ".join(f"{s}.{k}={v}" for s, kv in combined.items() for k, v in kv.items())
+        verdict = "fits" if fits(ranks, gpu_bytes) else "still does not fit"
+        out.append(f"set {settings}: {_gib(max(r.gpu_peak for r in ranks))} GiB ({verdict})")
+    return out
+
+
+def format_plan(cfg, shapes: Shapes, ranks: list[RankPlan], gpu_bytes: int, gpu_source: str) -> str:
+    s = cfg.sample
+    world = len(ranks)
+    lines = [f"Memory plan: {shapes.name}; {s.num_frames}x{s.height}x{s.width}, {world} rank(s); "
+             f"DiT {cfg.model.dtype}, offload.dit={cfg.offload.dit}, text_encoder={cfg.text_encoder.parallel}/"
+             f"{cfg.text_encoder.device}, vae {cfg.vae.dtype} {cfg.vae.parallel} tiling={cfg.vae.tiling} "
+             f"offload.vae={cfg.offload.vae}",
+             f"GPU: {_gib(gpu_bytes)} GiB ({gpu_source}); a rank fits when its peak <= {USABLE:.0%} of it", "",
+             "| rank | text GiB | denoise GiB | decode GiB | GPU peak GiB | host GiB | fits |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
+    for r in ranks:
+        cells = [_gib(st.gpu_total) for st in r.stages]
+        ok = "yes" if r.gpu_peak <= USABLE * gpu_bytes else "NO"
+        lines.append(f"| {r.rank} | {' | '.join(cells)} | {_gib(r.gpu_peak)} | {_gib(r.host_peak)} | {ok} |")
+    lines += ["", "Rank 0 by stage and component (GiB, GPU / host):"]
+    for st in ranks[0].stages:
+        parts = [f"{k} {_gib(v)}" for k, v in st.gpu.items() if v]
+        host = [f"{k} {_gib(v)}" for k, v in st.host.items() if v]
+        lines.append(f"  {st.stage:8s} GPU {_gib(st.gpu_total):>6s}: {', '.join(parts) or '-'}"
+                     f"   | host {_gib(st.host_total)}: {', '.join(host) or '-'}")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    host_node = sum(r.host_peak for r in ranks[:local])
+    lines.append(f"Host memory of one node ({local} local rank(s)): {_gib(host_node)} GiB")
+    if fits(ranks, gpu_bytes):
+        lines.append("Verdict: fits.")
+    else:
+        worst = max(ranks, key=lambda r: r.gpu_peak)
+        fixes = suggestions(cfg, world, gpu_bytes, shapes)
+        lines.append(f"Verdict: does NOT fit: rank {worst.rank} needs {_gib(worst.gpu_peak)} GiB in its "
+                     f"{worst.peak_stage().stage} stage. " + ("; ".join(fixes) if fixes else
+                                                             "no single setting fixes it; use more GPUs"))
+    return "\n".join(lines)
+
+
+def check_before_loading(cfg, device: torch.device, world: int, rank: int) -> None:
+    """Raise ValueError when this rank's planned peak exceeds the device's free memory (CUDA only)."""
+    if device.type != "cuda" or not torch.cuda.is_available() or not getattr(cfg, "memory_check", True):
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    shapes = model_shapes(cfg.model)
+    mine = plan_rank(cfg, shapes, world, rank)
+    if mine.gpu_peak <= USABLE * free:
+        return
+    fixes = suggestions(cfg, world, free, shapes)
+    raise ValueError(f"rank {rank} needs about {_gib(mine.gpu_peak)} GiB of GPU memory in its "
+                     f"{mine.peak_stage().stage} stage, but {device} has {_gib(free)} GiB free; "
+                     + ("; ".join(fixes) if fixes else "no single setting fixes it; use more GPUs")
+                     + " (python -m lightx2v_sp.generate --plan shows the plan; memory_check=false skips this)")
+
+
+def gpu_memory_default(gpu_memory_gib: Optional[float]) -> tuple[int, str]:
+    if gpu_memory_gib is not None:
+        if gpu_memory_gib <= 0:
+            raise ValueError(f"--gpu-memory {gpu_memory_gib} must be a positive number of GiB")
+        return int(gpu_memory_gib * GIB), "--gpu-memory"
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return free, f"free on {torch.cuda.get_device_name()}"
+    return 24 * GIB, "assumed: an RTX 4090; --gpu-memory sets it"
+
+
+def main_plan(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float]) -> tuple[str, bool]:
+    """The printed plan and whether it fits (the CLI's --plan)."""
+    world = gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise ValueError(f"--gpus {world} must be >= 1")
+    from lightx2v_sp.pipeline.checks import check_layout, resolve_ulysses_degree
+
+    shapes = model_shapes(cfg.model)
+    check_layout(world, resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree),
+                 cfg.parallel.cfg_degree, shapes.dit.num_heads)
+    gpu_bytes, source = gpu_memory_default(gpu_memory_gib)
+    ranks = [plan_rank(cfg, shapes, world, r) for r in range(world)]
+    return format_plan(cfg, shapes, ranks, gpu_bytes, source), fits(ranks, gpu_bytes)
