@@ -74,6 +74,8 @@ class TextEncoderConfig:
 class OffloadConfig:
     dit: str = _f("none", "DiT weights: resident, or per-block from pinned CPU memory with prefetch", ["none", "block"])
     vae: str = _f("gpu", "where the VAE lives: gpu, cpu or swap", ["gpu", "cpu", "swap"])
+    share_host: bool = _f(True, "with dit=block, the ranks of one node share one pinned host copy of the blocks "
+                                "(POSIX shared memory in /dev/shm) instead of one copy each")
 
 
 @dataclass

@@ -286,7 +286,11 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     den = StagePlan("denoise")
     if cfg.offload.dit == "block":
         den.gpu["DiT (non-block + 2 blocks)"] = (n["other"] + 2 * n["block"]) * mb
-        den.host["DiT blocks, pinned"] = n["blocks"] * mb
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) or 1
+        if cfg.offload.share_host and local > 1 and rank % local:
+            den.host["DiT blocks (local rank 0's pinned copy)"] = 0
+        else:  # one copy per node (share_host), else one per rank
+            den.host["DiT blocks, pinned"] = n["blocks"] * mb
     else:
         den.gpu["DiT"] = (n["other"] + n["blocks"]) * mb
     den.gpu["DiT activations"] = int(local_tokens * (DIT_ACT_DIM * dit.dim + DIT_ACT_FFN * dit.ffn_dim) * mb)

@@ -28,7 +28,7 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device):
     parallelize_wan(model, dims, a2a=p.a2a, fuse_qkv=p.fuse_qkv, comm_dtype=p.comm_dtype,
                     backend=cfg.attention.backend)
     if cfg.offload.dit == "block":
-        return offload_dit_blocks(model, device)
+        return offload_dit_blocks(model, device, share_host=cfg.offload.share_host)
     if cfg.model.compile:
         for block in model.blocks:  # identical blocks share one compiled graph (parameters are inputs)
             block.compile(dynamic=False)
