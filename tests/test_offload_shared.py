@@ -60,6 +60,21 @@ def _rank_fn(rank, world):
               "nbytes": flat.numel(), "expected_nbytes": handle.block_nbytes * len(model.blocks),
               "before": before, "seen": seen, "exists": [os.path.exists(p.replace(" (deleted)", "")) for p, _, _ in maps]}
 
+    # rank 1 never read its blocks (the loader skipped them): rank 0's shared copy supplies them
+    unread = _model()
+    if rank == 1:
+        with torch.no_grad():
+            for p in unread.blocks.parameters():
+                p.fill_(float("nan"))
+    with torch.no_grad():
+        offload_dit_blocks(unread, "cpu", transport=HostTransport(), share_host=True, weights_loaded=rank == 0)
+        result["unread_equal"] = torch.equal(unread(x, t, ctx), resident)
+    try:  # local rank 0 cannot skip: nobody would fill the copy
+        offload_dit_blocks(_model(), "cpu", transport=HostTransport(), share_host=True, weights_loaded=rank == 1)
+        result["writer_unread"] = None
+    except ValueError as e:
+        result["writer_unread"] = str(e)
+
     other = _model()
     if rank == 1:
         with torch.no_grad():
@@ -83,6 +98,8 @@ def test_local_ranks_share_one_host_copy():
     assert r0["seen"] == (r0["before"] + 1) % 256  # rank 1's write is visible to rank 0: one copy
     for r in (r0, r1):  # rank 1's weights differ: both ranks refuse, neither hangs
         assert r["mismatch"] is not None and "rank(s) [1] differ" in r["mismatch"]
+        assert r["unread_equal"]  # NaN blocks never read on rank 1: the shared copy is what runs
+        assert r["writer_unread"] is not None and "rank(s) [0] skipped reading" in r["writer_unread"]
 
 
 def test_single_process_keeps_a_private_buffer():
@@ -93,3 +110,14 @@ def test_single_process_keeps_a_private_buffer():
         handle = offload_dit_blocks(model, "cpu", transport=HostTransport(), share_host=True)
         assert not handle._arena.shared and handle._arena.writer
         assert torch.equal(model(x, t, ctx), resident)
+
+
+def test_loader_can_skip_the_blocks():
+    from lightx2v_sp.models.tiny import ensure_tiny_model
+
+    path = ensure_tiny_model()
+    full = WanModel.from_pretrained(path)
+    skipped = WanModel.from_pretrained(path, skip=lambda name: name.startswith("blocks."))
+    for (name, a), (_, b) in zip(full.named_parameters(), skipped.named_parameters()):
+        if not name.startswith("blocks."):
+            assert torch.equal(a, b), name

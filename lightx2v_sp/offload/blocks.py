@@ -35,7 +35,7 @@ class BlockOffload:
     active = True
 
     def __init__(self, blocks: nn.ModuleList, transport: Transport, wraparound: bool = True,
-                 share_host: bool = False) -> None:
+                 share_host: bool = False, weights_loaded: bool = True) -> None:
         if len(blocks) == 0:
             raise ValueError("enable_block_offload got an empty ModuleList; there is nothing to offload")
         self.blocks = blocks
@@ -49,11 +49,14 @@ class BlockOffload:
         # One host allocation per block, packed and its original storage freed before the next is
         # allocated: host memory peaks at one copy of the blocks plus one block, not two copies.
         # `share_host`: one node-wide shared buffer instead (shared_host.py), packed by local rank 0.
+        # `weights_loaded` False: this rank never read its block weights (the loader skipped them,
+        # untouched pages cost no memory), local rank 0's copy supplies them.
         self._arena = None
         if share_host:
             self._arena = NodeSharedHost.create("dit-blocks", self.block_nbytes * len(blocks),
                                                 pin=isinstance(transport, CudaTransport))
-            mine = _fingerprint(self.layouts[0].tensors)
+            _check_can_share(self._arena, weights_loaded)
+            mine = _fingerprint(self.layouts[0].tensors) if weights_loaded else None
         self._host_flat = []
         self._host_views = []
         for i, layout in enumerate(self.layouts):
@@ -174,15 +177,28 @@ def _fingerprint(tensors) -> list[float]:
         return [float(t.detach().double().sum()) for t in tensors]
 
 
-def _check_same_weights(mine: list[float], shared: list[float]) -> None:
-    """Collective: every rank fails if any rank's own block 0 differs from the shared copy."""
+def _all_flags(flag: bool) -> list[bool]:
     import torch.distributed as dist
 
-    bad = mine != shared
-    flags = [bad]
+    flags = [flag]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flags = [None] * dist.get_world_size()
-        dist.all_gather_object(flags, bad)  # one bool per rank -> every rank's verdict
+        dist.all_gather_object(flags, flag)  # one bool per rank -> every rank's list
+    return flags
+
+
+def _check_can_share(arena: NodeSharedHost, weights_loaded: bool) -> None:
+    """Collective: a rank that skipped reading its blocks needs a shared copy that another rank fills."""
+    flags = _all_flags(not weights_loaded and (not arena.shared or arena.writer))
+    if any(flags):
+        raise ValueError(f"rank(s) {[r for r, f in enumerate(flags) if f]} skipped reading their DiT blocks to "
+                         "share a host copy that no other rank fills (/dev/shm too small, see the warning, or "
+                         "the rank is its node's local rank 0); set offload.share_host=false")
+
+
+def _check_same_weights(mine: Optional[list[float]], shared: list[float]) -> None:
+    """Collective: every rank fails if any rank's own block 0 differs from the shared copy."""
+    flags = _all_flags(mine is not None and mine != shared)
     if any(flags):
         ranks = [r for r, f in enumerate(flags) if f]
         raise ValueError(f"offload.share_host: the DiT weights of rank(s) {ranks} differ from their node's "
@@ -207,7 +223,7 @@ class InactiveBlockOffload:
 
 def enable_block_offload(blocks: nn.ModuleList, device: torch.device | str,
                          transport: Optional[Transport] = None, wraparound: bool = True,
-                         share_host: bool = False):
+                         share_host: bool = False, weights_loaded: bool = True):
     """Keep `blocks`' weights in pinned host memory and stream them to `device` block by block.
 
     Outputs are bit-identical to running the blocks resident on `device`. Install after any
@@ -220,7 +236,8 @@ def enable_block_offload(blocks: nn.ModuleList, device: torch.device | str,
             warn_no_effect("offload.dit=block", device)
             return InactiveBlockOffload()
         transport = CudaTransport(device)
-    return BlockOffload(blocks, transport, wraparound=wraparound, share_host=share_host)
+    return BlockOffload(blocks, transport, wraparound=wraparound, share_host=share_host,
+                        weights_loaded=weights_loaded)
 
 
 def move_except(module: nn.Module, exclude: nn.Module, device: torch.device | str) -> None:
@@ -238,7 +255,7 @@ def move_except(module: nn.Module, exclude: nn.Module, device: torch.device | st
 
 def offload_dit_blocks(model: nn.Module, device: torch.device | str, blocks_attr: str = "blocks",
                        transport: Optional[Transport] = None, wraparound: bool = True,
-                       share_host: bool = False):
+                       share_host: bool = False, weights_loaded: bool = True):
     """`offload.dit: block` for a whole DiT: blocks stream from host, everything else on `device`.
 
     `share_host`: the local ranks of the job keep one host copy between them (collective)."""
@@ -247,7 +264,7 @@ def offload_dit_blocks(model: nn.Module, device: torch.device | str, blocks_attr
         raise ValueError(f"offload.dit=block needs model.{blocks_attr} to be an nn.ModuleList, got "
                          f"{type(blocks).__name__}; the DiT cannot be offloaded block by block")
     handle = enable_block_offload(blocks, device, transport=transport, wraparound=wraparound,
-                                  share_host=share_host)
+                                  share_host=share_host, weights_loaded=weights_loaded)
     if handle.active:
         move_except(model, blocks, handle.transport.device)
     else:
