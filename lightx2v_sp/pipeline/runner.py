@@ -166,6 +166,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
+        result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
+                                 "pixel_rows_per_rank": rows}
         write_json(result.summary, summary_path(out_path))
 
     agreed("writing the video", finish)
