@@ -102,7 +102,13 @@ def model_shapes(model_cfg) -> Shapes:
 
         return Shapes("tiny (embedded)", WanConfig(**TINY_WAN), T5Config(**TINY_T5), dict(TINY_VAE))
     root = os.path.expanduser(model_cfg.path)
-    t5, vae = T5Config.umt5_xxl(), {}
+    t5, vae = T5Config.umt5_xxl(), {}  # what Wan2.1 ships (the official .pth has no config to read)
+    te_dir = model_cfg.text_encoder_path or os.path.join(root, "text_encoder")
+    te_json = _read_json(os.path.join(te_dir, "config.json")) if os.path.isdir(te_dir) else None
+    if te_json and "d_model" in te_json:
+        from lightx2v_sp.models.t5.loader import config_from_hf
+
+        t5 = config_from_hf(te_json, os.path.join(te_dir, "config.json"))
     vae_dir = model_cfg.vae_path or os.path.join(root, "vae")
     vae_json = _read_json(os.path.join(vae_dir, "config.json")) if os.path.isdir(vae_dir) else None
     if vae_json:

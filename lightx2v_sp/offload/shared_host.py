@@ -42,6 +42,7 @@ def _broadcast_token() -> str:
     """A random name chosen by global rank 0, known to every rank (one small collective)."""
     token = [secrets.token_hex(6)]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # [1 str] on rank 0 -> broadcast_object_list -> the same [1 str] on every rank
         dist.broadcast_object_list(token, src=0)
     return token[0]
 
@@ -79,6 +80,7 @@ class NodeSharedHost:
         ok = [_shm_free_bytes() >= nbytes if local_rank == 0 else True]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flags: list = [None] * dist.get_world_size()
+            # 1 bool per rank -> all_gather_object -> [world] bools on every rank: all nodes decide alike
             dist.all_gather_object(flags, ok[0])
             ok = [all(flags)]
         if not ok[0]:
