@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-SHM_DIR = "/dev/shm"
+# Where the shared file lives: a tmpfs. LIGHTX2V_SP_SHM_DIR picks another directory (any local file
+# system works: the mapping is MAP_SHARED and the file is unlinked at once) where /dev/shm is small.
+SHM_DIR = os.environ.get("LIGHTX2V_SP_SHM_DIR", "/dev/shm")
 
 
 def local_layout() -> tuple[int, int]:
@@ -86,7 +88,8 @@ class NodeSharedHost:
         if not ok[0]:
             warnings.warn(f"{SHM_DIR} has {_shm_free_bytes() / 2**30:.2f} GiB free, fewer than the "
                           f"{nbytes / 2**30:.2f} GiB of {name}: every local rank keeps its own host copy "
-                          f"({local_world} copies on this node); enlarge {SHM_DIR} (docker --shm-size) to share one",
+                          f"({local_world} copies on this node); enlarge {SHM_DIR} (docker --shm-size) or set "
+                          "LIGHTX2V_SP_SHM_DIR to a larger local directory to share one",
                           RuntimeWarning, stacklevel=2)
             return cls(torch.empty(nbytes, dtype=torch.uint8), True, False, pin)
         if local_rank == 0:
