@@ -63,7 +63,7 @@ def _layout(wan_vae, vae_cfg, height: int, world: int) -> list[list[tuple[int, i
 @torch.no_grad()
 def decode_rows(wan_vae, latents: torch.Tensor, device: torch.device, vae_cfg, offload_mode: str,
                 world: int, rank: int) -> tuple[Optional[torch.Tensor], list[int]]:
-    """This rank's rows of the video [1, 3, T, 8 h_r, 8 W] in the VAE's dtype (None when it has no
+    """This rank's rows of the video [1, 3, T, 8 h_r, 8 W] (None when it has no
     band), and every rank's pixel row count. `latents` [1, C, F, H, W] is the DiT's normalised
     space, the same on every rank.
 
@@ -77,11 +77,11 @@ def decode_rows(wan_vae, latents: torch.Tensor, device: torch.device, vae_cfg, o
     placement = ComponentPlacement(wan_vae.vae, offload_mode, device, name="vae")
     with placement.on_device():
         dev = placement.execution_device
-        z = latents.float().to(dev) * wan_vae.std.to(dev) + wan_vae.mean.to(dev)
-        z = z.to(wan_vae.dtype)
-        if len(bands[rank]) == 1 and bands[rank][0] == (0, height):
-            piece = wan_vae.vae.decode(z, return_dict=False)[0]  # the whole frame: no hooks needed
+        if bands[rank] == [(0, height)]:  # the whole frame: no hooks needed
+            piece = wan_vae.decode(latents, device=dev)
         else:
+            z = latents.float().to(dev) * wan_vae.std.to(dev) + wan_vae.mean.to(dev)
+            z = z.to(wan_vae.dtype)
             piece = torch.cat([decode_band(wan_vae.vae, z, a, b) for a, b in bands[rank]], dim=-2)
     assert piece.shape[-2] == rows[rank], (piece.shape, rows)
     return piece, rows
