@@ -82,7 +82,7 @@ def main() -> None:
         torch.cuda.synchronize()
         gbps = 5 * host.numel() / (time.perf_counter() - start) / 1e9
     rows = [None] * world
-    dist.all_gather_object(rows, (rank, before, after, same, pinned, gbps, bool(handle._arena.shared)))
+    dist.all_gather_object(rows, (rank, before, after, same, pinned, gbps, bool(handle._arena is not None and handle._arena.shared)))
     if rank == 0:
         blocks = handle.block_nbytes * len(model.blocks)
         mode = "private (one copy per rank)" if args.private else "shared (offload.share_host)"

@@ -12,6 +12,7 @@ often mount 64 MiB), every rank falls back to its own buffer with one warning.
 
     arena = NodeSharedHost.create("dit-blocks", nbytes)     # collective: every rank calls it
     flat = arena.tensor                                    # uint8 [nbytes], the same pages on every local rank
+                                                           # (None when not shared: allocate your own)
     if arena.writer: ...fill flat...
     arena.ready()                                          # collective: the others may read now
 """
@@ -58,9 +59,10 @@ def _shm_free_bytes() -> int:
 
 
 class NodeSharedHost:
-    """A host byte buffer that all local ranks of the job map (or a private one, `shared` False)."""
+    """A host byte buffer that all local ranks of the job map; `shared` False (one local rank, or
+    /dev/shm too small): no buffer (`tensor` None), the caller allocates its own as before."""
 
-    def __init__(self, tensor: torch.Tensor, writer: bool, shared: bool, pin: bool) -> None:
+    def __init__(self, tensor: Optional[torch.Tensor], writer: bool, shared: bool, pin: bool) -> None:
         self.tensor = tensor
         self.writer = writer
         self.shared = shared
@@ -74,7 +76,7 @@ class NodeSharedHost:
         local_rank, local_world = local_layout()
         nbytes = max(int(nbytes), 1)
         if local_world == 1:
-            return cls(torch.empty(nbytes, dtype=torch.uint8), True, False, pin)
+            return cls(None, True, False, False)
         token = _broadcast_token()
         node = int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0)))
         path = os.path.join(SHM_DIR, f"lightx2v_sp-{token}-{name}-node{node}")
@@ -91,7 +93,7 @@ class NodeSharedHost:
                           f"({local_world} copies on this node); enlarge {SHM_DIR} (docker --shm-size) or set "
                           "LIGHTX2V_SP_SHM_DIR to a larger local directory to share one",
                           RuntimeWarning, stacklevel=2)
-            return cls(torch.empty(nbytes, dtype=torch.uint8), True, False, pin)
+            return cls(None, True, False, False)
         if local_rank == 0:
             with open(path, "wb") as f:
                 f.truncate(nbytes)
