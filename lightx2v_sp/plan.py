@@ -282,3 +282,11 @@ def main_plan(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float]) -> tupl
     gpu_bytes, source = gpu_memory_default(gpu_memory_gib)
     ranks = [plan_rank(cfg, shapes, world, r) for r in range(world)]
     return format_plan(cfg, shapes, ranks, gpu_bytes, source), fits(ranks, gpu_bytes)
+
+
+def plan_summary(cfg, world: int, rank: int = 0) -> dict:
+    """The plan's GPU bytes per stage of `rank`, for the run summary next to the measured peaks."""
+    mine = plan_rank(cfg, model_shapes(cfg.model), world, rank)
+    return {"note": f"lightx2v_sp.plan estimate for rank {rank}; compare with peak_memory_bytes",
+            "gpu_bytes": {s.stage: s.gpu_total for s in mine.stages},
+            "host_bytes": {s.stage: s.host_total for s in mine.stages}}

@@ -107,6 +107,7 @@ def test_summary_fields(runs):
     assert s["config"]["parallel"]["ulysses_degree"] == 2 and s["config"]["sample"]["steps"] == STEPS
     assert s["text"]["text_len"] == 32 and len(s["text"]["prompt_tokens"]) == 2  # prompt + negative prompt
     assert s["vae"]["pixel_rows_per_rank"] == [32, 32]  # 64 px high, decoded half by each rank
+    assert set(s["memory_plan"]["gpu_bytes"]) == {"text", "denoise", "decode"}
     assert set(s["stage_times_s"]) == {"preflight", "text", "load", "denoise", "decode", "write"}
     assert all(t >= 0 for t in s["stage_times_s"].values())
     none = {"allocated_bytes": None, "reserved_bytes": None}  # CPU: no device memory counters

@@ -23,7 +23,7 @@ from lightx2v_sp.config import to_dict
 from lightx2v_sp.distributed import CommStats, ParallelDims
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import StageMemory
-from lightx2v_sp.plan import check_before_loading
+from lightx2v_sp.plan import check_before_loading, plan_summary
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
 from .decode import decode_rows, gather_video, vae_on_every_rank
@@ -168,6 +168,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
+        result.summary["memory_plan"] = plan_summary(cfg, world)
         write_json(result.summary, summary_path(out_path))
 
     agreed("writing the video", finish)
