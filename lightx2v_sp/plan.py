@@ -127,6 +127,7 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     on_gpu = cfg.offload.vae != "cpu"
     if layout[rank] and on_gpu:
         dec.gpu["VAE"] = vae["weights"]
+        dec.gpu["VAE decode caches"] = vae["caches"]
         dec.gpu["VAE decode activations"] = vae["activations"]
         dec.gpu["video rows"] = vae["video"]
     vae_host = _numel(_meta_vae(shapes.vae)) * vb

@@ -177,7 +177,7 @@ def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: i
     from lightx2v_sp.models.vae_rows import band_window, decoder_stages
 
     vae = _meta_vae(vae_kwargs)
-    weights = _numel(vae) * dtype_bytes
+    weights = (_numel(vae.decoder) + _numel(vae.post_quant_conv)) * dtype_bytes  # the encoder stays on the host
     if not bands:
         return {"weights": 0, "caches": 0, "activations": 0, "video": 0}
     height, width = latent_hw

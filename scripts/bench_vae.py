@@ -51,7 +51,8 @@ def build_vae(config: str, dtype: torch.dtype, device: torch.device) -> WanVAE:
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**(TINY_VAE if config == "tiny" else {}))
-    return WanVAE(vae.eval().requires_grad_(False).to(device=device, dtype=dtype))
+    # on the host: the decode moves its decoder to `device` and leaves the encoder there, as the runner does
+    return WanVAE(vae.eval().requires_grad_(False).to(dtype=dtype))
 
 
 def _peak_reset(device):
