@@ -17,6 +17,7 @@ The plan of one rank is what the runner checks before loading (CUDA only, `memor
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,6 +26,8 @@ import torch
 
 from .plan_sizes import (DTYPE_BYTES, GIB, Shapes, _meta_vae, _numel, _t5_numel, dit_numel,  # noqa: F401
                          model_shapes, vae_decode_bytes)
+
+log = logging.getLogger("lightx2v_sp")
 
 # DiT activation values per local token: a * dim + b * ffn_dim (see the module doc)
 DIT_ACT_DIM, DIT_ACT_FFN = 7.2, 1.62
@@ -243,12 +246,31 @@ def format_plan(cfg, shapes: Shapes, ranks: list[RankPlan], gpu_bytes: int, gpu_
     return "\n".join(lines)
 
 
-def check_before_loading(cfg, device: torch.device, world: int, rank: int) -> None:
-    """Raise ValueError when this rank's planned peak exceeds the device's free memory (CUDA only)."""
+def _at(model_cfg, root: Optional[str]):
+    """`model_cfg` with its path replaced by the resolved local directory `root` (when both exist)."""
+    if root is None or model_cfg.path is None:
+        return model_cfg
+    import copy
+
+    model_cfg = copy.copy(model_cfg)
+    model_cfg.path = root
+    return model_cfg
+
+
+def check_before_loading(cfg, device: torch.device, world: int, rank: int, root: Optional[str] = None) -> None:
+    """Raise ValueError when this rank's planned peak exceeds the device's free memory (CUDA only).
+
+    `root`: the model directory the run resolved (a hub id's local snapshot, say). A model whose
+    size the plan cannot read is not checked: the plan advises, it never blocks a run it cannot size.
+    """
     if device.type != "cuda" or not torch.cuda.is_available() or not getattr(cfg, "memory_check", True):
         return
     free, _ = torch.cuda.mem_get_info(device)
-    shapes = model_shapes(cfg.model)
+    try:
+        shapes = model_shapes(_at(cfg.model, root))
+    except ValueError as e:
+        log.info("memory plan skipped: %s", e)
+        return
     mine = plan_rank(cfg, shapes, world, rank)
     if mine.gpu_peak <= USABLE * free:
         return
@@ -285,9 +307,12 @@ def main_plan(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float]) -> tupl
     return format_plan(cfg, shapes, ranks, gpu_bytes, source), fits(ranks, gpu_bytes)
 
 
-def plan_summary(cfg, world: int, rank: int = 0) -> dict:
+def plan_summary(cfg, world: int, rank: int = 0, root: Optional[str] = None) -> dict:
     """The plan's GPU bytes per stage of `rank`, for the run summary next to the measured peaks."""
-    mine = plan_rank(cfg, model_shapes(cfg.model), world, rank)
+    try:
+        mine = plan_rank(cfg, model_shapes(_at(cfg.model, root)), world, rank)
+    except ValueError as e:
+        return {"note": f"no plan: {e}"}
     return {"note": f"lightx2v_sp.plan estimate for rank {rank}; compare with peak_memory_bytes",
             "gpu_bytes": {s.stage: s.gpu_total for s in mine.stages},
             "host_bytes": {s.stage: s.host_total for s in mine.stages}}

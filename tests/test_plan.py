@@ -117,3 +117,13 @@ def test_block_offload_host_copy_is_counted_once_per_node():
     blocks = private[0].stages[1].host["DiT blocks, pinned"]
     assert 24 * GIB < blocks < 28 * GIB  # Wan2.1-14B's 40 blocks in bf16
     assert sum(r.host_peak for r in private) - sum(r.host_peak for r in shared) == 7 * blocks
+
+
+def test_a_model_the_plan_cannot_size_is_not_blocked(monkeypatch, tmp_path):
+    from lightx2v_sp.plan import plan_summary
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * GIB, 1 * GIB))
+    cfg = _cfg("wan_t2v_tiny.yaml", f"model.path={tmp_path}")  # a directory with no config and no size in its name
+    check_before_loading(cfg, torch.device("cuda"), 1, 0)  # the plan advises; it cannot, so it stays quiet
+    assert plan_summary(cfg, 1)["note"].startswith("no plan: model.path")

@@ -82,7 +82,7 @@ def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
     check_text_encoder_layout(cfg.text_encoder, device, world)
     paths = model_paths_for(cfg.model)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
-    check_before_loading(cfg, device, world, rank)  # CUDA only: the memory plan against free memory
+    check_before_loading(cfg, device, world, rank, paths.root)  # CUDA only: the plan against free memory
     return paths, out
 
 
@@ -168,7 +168,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
-        result.summary["memory_plan"] = plan_summary(cfg, world)
+        result.summary["memory_plan"] = plan_summary(cfg, world, root=paths.root)
         write_json(result.summary, summary_path(out_path))
 
     agreed("writing the video", finish)
