@@ -95,6 +95,17 @@ class TextEncoderConfig:
 class OffloadConfig:
     dit: str = _f("none", "DiT weights: resident, or per-block from pinned CPU memory with prefetch", ["none", "block"])
     vae: str = _f("gpu", "where the VAE lives: gpu, cpu or swap", ["gpu", "cpu", "swap"])
+    share_host: bool = _f(True, "with dit=block, the ranks of one node share one pinned host copy of the blocks "
+                                "(POSIX shared memory in /dev/shm) instead of one copy each")
+
+
+@dataclass
+class VaeConfig:
+    dtype: str = _f("fp32", "VAE decode dtype: fp32, or bf16 (about half the decode memory and time)", ["fp32", "bf16"])
+    parallel: str = _f("split", "split: every rank decodes a band of latent rows (exact: halos, no blending) and "
+                                "rank 0 gathers the video; rank0: rank 0 decodes alone", ["split", "rank0"])
+    tiling: int = _f(1, "row bands each decoding rank works through one after another (exact, like split); "
+                        ">1 lowers the decode peak on one GPU at the cost of recomputing the halo rows")
 
 
 @dataclass
@@ -124,11 +135,14 @@ class RunConfig:
     negative_prompt: str = _f("", "negative prompt for classifier-free guidance")
     seed: int = _f(42, "seed of the initial latents; same seed -> same video on any layout")
     device: str = _f("auto", "auto = cuda when available, else cpu", ["auto", "cuda", "cpu"])
+    memory_check: bool = _f(True, "on CUDA, stop before loading when the memory plan (--plan) says a rank's "
+                                  "peak exceeds its GPU's free memory, with the setting that would fit")
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"doc": "sampling schedule and video size"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "sequence / CFG parallelism"})
     attention: AttentionConfig = field(default_factory=AttentionConfig, metadata={"doc": "local attention kernel"})
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, metadata={"doc": "UMT5 placement"})
     offload: OffloadConfig = field(default_factory=OffloadConfig, metadata={"doc": "CPU offload"})
+    vae: VaeConfig = field(default_factory=VaeConfig, metadata={"doc": "VAE decode: dtype, split over ranks, tiling"})
     comm: CommConfig = field(default_factory=CommConfig, metadata={"doc": "communication settings"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"doc": "where results go"})
     lora: List[LoraConfig] = field(default_factory=list, metadata={
@@ -227,7 +241,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value, minimum in [("sample.steps", s.steps, 1), ("sample.height", s.height, 16),
                                 ("sample.width", s.width, 16), ("sample.num_frames", s.num_frames, 1),
                                 ("sample.fps", s.fps, 1), ("parallel.ulysses_degree", p.ulysses_degree, 0),
-                                ("comm.timeout_s", cfg.comm.timeout_s, 1), ("text_encoder.text_len", cfg.text_encoder.text_len, 1)]:
+                                ("comm.timeout_s", cfg.comm.timeout_s, 1), ("text_encoder.text_len", cfg.text_encoder.text_len, 1),
+                                ("vae.tiling", cfg.vae.tiling, 1)]:
         if value < minimum:
             raise ValueError(f"config key '{key}' = {value} must be >= {minimum}")
     for key, value in [("sample.guidance_scale", s.guidance_scale), ("sample.shift", s.shift)]:

@@ -3,12 +3,14 @@
     python -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml [key=value ...]
     torchrun --nproc_per_node 2 -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml parallel.ulysses_degree=2
     python -m lightx2v_sp.generate --config X --help-config   # every key, the value the run would use, its doc
+    python -m lightx2v_sp.generate --config X --plan [--gpus N] [--gpu-memory GiB]   # memory plan, no loading
 
 The same command runs as one process or under torchrun (one node or several). User errors
 (bad key or value, a layout that does not fit, a missing model, an unwritable output) print one
 `error: ...` line on rank 0 and exit with status 2 on every rank; no video is written. A lost
 peer (dead or stopped rank) is one `[rank r] error: lost a peer rank ...` line and status 1;
 SIGTERM / SIGINT remove the temporary file and exit with 128 + the signal number.
+`--plan` prints the memory plan (lightx2v_sp/plan.py) and exits 0 when every rank fits, 3 when not.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import warnings
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+EXIT_DOES_NOT_FIT = 3
 
 
 def _env_rank() -> int:
@@ -46,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="YAML config (default: configs/wan_t2v_tiny.yaml, the embedded tiny model)")
     p.add_argument("--help-config", action="store_true",
                    help="list every config key with the value this --config and these overrides give it, and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan per rank and stage (no weights loaded) and whether it fits; exit")
+    p.add_argument("--gpus", type=int, default=None, help="ranks the plan assumes (default: WORLD_SIZE or 1)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                   help="GPU memory per rank the plan checks against (default: free memory of this GPU, "
+                        "else 24 GiB)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. parallel.ulysses_degree=2 sample.steps=10")
     return p
@@ -105,6 +114,17 @@ def main(argv=None) -> int:
         device = resolve_device(cfg.device)
     except ValueError as e:
         return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR
+
+    if args.plan:
+        from lightx2v_sp.plan import main_plan
+
+        try:
+            text, ok = main_plan(cfg, args.gpus, args.gpu_memory)
+        except ValueError as e:
+            return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR
+        if rank == 0:
+            print(text)
+        return 0 if ok else EXIT_DOES_NOT_FIT
 
     from lightx2v_sp.distributed.peer_lost import PeerLostError, is_peer_lost
     from lightx2v_sp.pipeline import AgreedError, run

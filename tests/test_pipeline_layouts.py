@@ -78,7 +78,7 @@ def test_layout_matches_single_process(runs, name):
     ref, ranks, _ = runs
     for rank in (0, 1):  # every rank ends with the same latents
         torch.testing.assert_close(ranks[rank][name]["latents"], ref.latents, atol=ATOL, rtol=0)
-    assert ranks[1][name]["video"] is None  # only rank 0 decodes
+    assert ranks[1][name]["video"] is None  # every rank decodes its rows; only rank 0 holds the video
     video = ranks[0][name]["video"]
     assert video.shape == ref.video.shape == (3, 9, 64, 64)
     assert ref.video.std() > 0.05  # not a degenerate (constant) video that would match anything
@@ -106,6 +106,8 @@ def test_summary_fields(runs):
     assert s["layout"]["world_size"] == 2 and s["layout"]["ulysses_degree"] == 2 and s["layout"]["cfg_degree"] == 1
     assert s["config"]["parallel"]["ulysses_degree"] == 2 and s["config"]["sample"]["steps"] == STEPS
     assert s["text"]["text_len"] == 32 and len(s["text"]["prompt_tokens"]) == 2  # prompt + negative prompt
+    assert s["vae"]["pixel_rows_per_rank"] == [32, 32]  # 64 px high, decoded half by each rank
+    assert set(s["memory_plan"]["gpu_bytes"]) == {"text", "denoise", "decode"}
     assert set(s["stage_times_s"]) == {"preflight", "text", "load", "denoise", "decode", "write"}
     assert all(t >= 0 for t in s["stage_times_s"].values())
     none = {"allocated_bytes": None, "reserved_bytes": None}  # CPU: no device memory counters

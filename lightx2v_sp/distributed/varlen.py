@@ -151,3 +151,45 @@ def reduce_scatter_v(x: torch.Tensor, dim: int, sizes, group=None, symmetric: bo
     else:
         out = stacked.sum(0)
     return out.movedim(0, dim)
+
+
+def gather_v(x: torch.Tensor, dim: int, sizes, dst: int = 0, group=None,
+             out_device: torch.device | str | None = None) -> torch.Tensor | None:
+    """This rank's slice (x.shape[dim] == sizes[rank]) -> the concatenation along `dim` on rank
+    `dst` only (None on the others), built in `out_device` memory (default: x's device).
+
+    One point-to-point transfer per sending rank, received into one slice-sized buffer at a time,
+    so `dst` never holds N padded slices on the device (a decoded video can be most of a GPU).
+    """
+    size, rank = group_size_rank(group)
+    out_device = torch.device(out_device) if out_device is not None else x.device
+    if size == 1:
+        return x.to(out_device)
+    sizes = _check_sizes("gather_v", sizes, size)
+    if x.shape[dim] != sizes[rank]:
+        raise ValueError(f"gather_v: rank {rank} holds {x.shape[dim]} rows along dim {dim}, "
+                         f"but sizes={sizes} says {sizes[rank]}")
+
+    def global_rank(r: int) -> int:
+        return dist.get_global_rank(group, r)
+
+    if rank != dst:
+        if sizes[rank]:
+            record_comm("send", x.numel() * x.element_size())
+            # [..., S_r, ...] on rank r -> send -> rank dst
+            dist.send(x.contiguous(), dst=global_rank(dst), group=group)
+        return None
+    shape = list(x.shape)
+    shape[dim] = sum(sizes)
+    out = torch.empty(shape, dtype=x.dtype, device=out_device)
+    parts = out.split(sizes, dim=dim)
+    parts[rank].copy_(x)
+    for src in range(size):
+        if src == rank or not sizes[src]:
+            continue
+        shape[dim] = sizes[src]
+        buf = torch.empty(shape, dtype=x.dtype, device=x.device)
+        # rank src's [..., S_src, ...] -> recv -> its rows of [..., sum S, ...] on rank dst
+        dist.recv(buf, src=global_rank(src), group=group)
+        parts[src].copy_(buf)
+    return out

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .layout import TensorLayout, check_disjoint, check_same_structure
+from .shared_host import NodeSharedHost
 from .transport import CudaTransport, Transport, warn_no_effect
 
 
@@ -33,7 +34,8 @@ class BlockOffload:
 
     active = True
 
-    def __init__(self, blocks: nn.ModuleList, transport: Transport, wraparound: bool = True) -> None:
+    def __init__(self, blocks: nn.ModuleList, transport: Transport, wraparound: bool = True,
+                 share_host: bool = False, weights_loaded: bool = True) -> None:
         if len(blocks) == 0:
             raise ValueError("enable_block_offload got an empty ModuleList; there is nothing to offload")
         self.blocks = blocks
@@ -46,15 +48,31 @@ class BlockOffload:
 
         # One host allocation per block, packed and its original storage freed before the next is
         # allocated: host memory peaks at one copy of the blocks plus one block, not two copies.
+        # `share_host`: one node-wide shared buffer instead (shared_host.py), packed by local rank 0.
+        # `weights_loaded` False: this rank never read its block weights (the loader skipped them,
+        # untouched pages cost no memory), local rank 0's copy supplies them.
+        self._arena = None
+        if share_host:
+            self._arena = NodeSharedHost.create("dit-blocks", self.block_nbytes * len(blocks),
+                                                pin=isinstance(transport, CudaTransport))
+            _check_can_share(self._arena, weights_loaded)
+            mine = _fingerprint(self.layouts[0].tensors) if weights_loaded else None
         self._host_flat = []
         self._host_views = []
-        for layout in self.layouts:
-            flat = transport.host_empty(self.block_nbytes)
+        for i, layout in enumerate(self.layouts):
+            if self._arena is not None and self._arena.shared:
+                flat = self._arena.tensor[i * self.block_nbytes:(i + 1) * self.block_nbytes]
+            else:
+                flat = transport.host_empty(self.block_nbytes)
             self._host_flat.append(flat)
             views = layout.views(flat)
-            layout.pack(views)
+            if self._arena is None or self._arena.writer:
+                layout.pack(views)
             layout.bind(views)  # frees the original (device or mmap-backed) storage
             self._host_views.append(views)
+        if self._arena is not None:
+            self._arena.ready()
+            _check_same_weights(mine, _fingerprint(self._host_views[0]))
 
         self._dev_flat: list[Optional[torch.Tensor]] = [None, None]
         self._dev_views: list[Optional[list[torch.Tensor]]] = [None, None]
@@ -153,6 +171,46 @@ class BlockOffload:
                 "block_bytes": self.block_nbytes, "num_blocks": len(self.blocks)}
 
 
+def _fingerprint(tensors) -> list[float]:
+    """A cheap checksum of a block's weights, to compare ranks' copies: float64 sums, on the CPU (the
+    same order of additions wherever the tensor lives), of at most 65536 evenly strided values each."""
+    with torch.no_grad():
+        out = []
+        for t in tensors:
+            flat = t.detach().reshape(-1)
+            out.append(float(flat[::max(1, flat.numel() // 65536)].cpu().double().sum()))
+        return out
+
+
+def _all_flags(flag: bool) -> list[bool]:
+    import torch.distributed as dist
+
+    flags = [flag]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, flag)  # one bool per rank -> every rank's list
+    return flags
+
+
+def _check_can_share(arena: NodeSharedHost, weights_loaded: bool) -> None:
+    """Collective: a rank that skipped reading its blocks needs a shared copy that another rank fills."""
+    flags = _all_flags(not weights_loaded and (not arena.shared or arena.writer))
+    if any(flags):
+        raise ValueError(f"rank(s) {[r for r, f in enumerate(flags) if f]} skipped reading their DiT blocks to "
+                         "share a host copy that no other rank fills (/dev/shm too small, see the warning, or "
+                         "the rank is its node's local rank 0); set offload.share_host=false")
+
+
+def _check_same_weights(mine: Optional[list[float]], shared: list[float]) -> None:
+    """Collective: every rank fails if any rank's own block 0 differs from the shared copy."""
+    flags = _all_flags(mine is not None and mine != shared)
+    if any(flags):
+        ranks = [r for r, f in enumerate(flags) if f]
+        raise ValueError(f"offload.share_host: the DiT weights of rank(s) {ranks} differ from their node's "
+                         "local rank 0; ranks of one node can only share identical weights "
+                         "(set offload.share_host=false to keep one host copy per rank)")
+
+
 class InactiveBlockOffload:
     """What `enable_block_offload` returns where offload cannot work: the same handle, doing nothing."""
 
@@ -169,7 +227,8 @@ class InactiveBlockOffload:
 
 
 def enable_block_offload(blocks: nn.ModuleList, device: torch.device | str,
-                         transport: Optional[Transport] = None, wraparound: bool = True):
+                         transport: Optional[Transport] = None, wraparound: bool = True,
+                         share_host: bool = False, weights_loaded: bool = True):
     """Keep `blocks`' weights in pinned host memory and stream them to `device` block by block.
 
     Outputs are bit-identical to running the blocks resident on `device`. Install after any
@@ -182,7 +241,8 @@ def enable_block_offload(blocks: nn.ModuleList, device: torch.device | str,
             warn_no_effect("offload.dit=block", device)
             return InactiveBlockOffload()
         transport = CudaTransport(device)
-    return BlockOffload(blocks, transport, wraparound=wraparound)
+    return BlockOffload(blocks, transport, wraparound=wraparound, share_host=share_host,
+                        weights_loaded=weights_loaded)
 
 
 def move_except(module: nn.Module, exclude: nn.Module, device: torch.device | str) -> None:
@@ -199,13 +259,17 @@ def move_except(module: nn.Module, exclude: nn.Module, device: torch.device | st
 
 
 def offload_dit_blocks(model: nn.Module, device: torch.device | str, blocks_attr: str = "blocks",
-                       transport: Optional[Transport] = None, wraparound: bool = True):
-    """`offload.dit: block` for a whole DiT: blocks stream from host, everything else on `device`."""
+                       transport: Optional[Transport] = None, wraparound: bool = True,
+                       share_host: bool = False, weights_loaded: bool = True):
+    """`offload.dit: block` for a whole DiT: blocks stream from host, everything else on `device`.
+
+    `share_host`: the local ranks of the job keep one host copy between them (collective)."""
     blocks = getattr(model, blocks_attr, None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"offload.dit=block needs model.{blocks_attr} to be an nn.ModuleList, got "
                          f"{type(blocks).__name__}; the DiT cannot be offloaded block by block")
-    handle = enable_block_offload(blocks, device, transport=transport, wraparound=wraparound)
+    handle = enable_block_offload(blocks, device, transport=transport, wraparound=wraparound,
+                                  share_host=share_host, weights_loaded=weights_loaded)
     if handle.active:
         move_except(model, blocks, handle.transport.device)
     else:

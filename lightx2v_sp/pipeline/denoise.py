@@ -22,17 +22,45 @@ from .scheduler import make_scheduler
 
 def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype) -> WanModel:
     """The DiT on `device`; on the CPU with offload.dit=block (the offload streams its blocks later).
-    `lora:` entries are merged here, before install_parallel lays the weights out."""
-    model = WanModel.from_pretrained(path, dtype=dtype, device="cpu" if cfg.offload.dit == "block" else device)
-    model.lora_summary = apply_loras(model, cfg, device)
+
+    `lora:` entries are merged here, before install_parallel lays the weights out. With
+    offload.share_host, ranks other than their node's local rank 0 do not read the blocks at
+    all: local rank 0's shared host copy (with the LoRAs merged) supplies them
+    (offload/shared_host.py), so the node reads and holds the 14B blocks once.
+    `model.blocks_loaded` tells install_parallel which case it is.
+    """
+    if cfg.offload.dit != "block":
+        model = WanModel.from_pretrained(path, dtype=dtype, device=device)
+        model.lora_summary = apply_loras(model, cfg, device)
+        return model
+    from_peer = _blocks_from_local_rank0(cfg, device, dtype)
+    model = WanModel.from_pretrained(path, dtype=dtype, device="cpu",
+                                     skip=(lambda name: name.startswith("blocks.")) if from_peer else None)
+    model.blocks_loaded = not from_peer
+    # a rank that skipped the blocks merges only what it holds; local rank 0 merges the shared blocks
+    model.lora_summary = apply_loras(model, cfg, device, skip_blocks=from_peer)
     return model
+
+
+def _blocks_from_local_rank0(cfg, device: torch.device, dtype: torch.dtype) -> bool:
+    from lightx2v_sp.offload.shared_host import _shm_free_bytes, local_layout
+    from lightx2v_sp.plan import dit_numel, model_shapes
+
+    local_rank, local_world = local_layout()
+    if not (cfg.offload.share_host and local_world > 1 and local_rank != 0 and device.type == "cuda"
+            and torch.cuda.is_available()):
+        return False
+    # NodeSharedHost falls back to private copies when /dev/shm is too small; then this rank needs its own
+    needed = dit_numel(model_shapes(cfg.model).dit)["blocks"] * torch.empty(0, dtype=dtype).element_size()
+    return _shm_free_bytes() >= needed
 
 
 def install_parallel(model: WanModel, cfg, dims, device: torch.device):
     """Ulysses attention per `parallel.*`, then block offload (which must come after it)."""
     parallelize_wan(model, dims, options=UlyssesOptions.from_config(cfg))
     if cfg.offload.dit == "block":
-        return offload_dit_blocks(model, device)
+        return offload_dit_blocks(model, device, share_host=cfg.offload.share_host,
+                                  weights_loaded=getattr(model, "blocks_loaded", True))
     if cfg.model.compile:
         for block in model.blocks:  # identical blocks share one compiled graph (parameters are inputs)
             block.compile(dynamic=False)

@@ -31,7 +31,11 @@ def check_loras(cfg) -> None:
         resolve_lora_file(lora_path(entry.path, cfg))
 
 
-def apply_loras(model, cfg, device: torch.device, expert: Optional[str] = None) -> list[dict]:
-    """Merge the entries meant for this DiT (the arithmetic on `device`); their summary for the run JSON."""
+def apply_loras(model, cfg, device: torch.device, expert: Optional[str] = None,
+                skip_blocks: bool = False) -> list[dict]:
+    """Merge the entries meant for this DiT (the arithmetic on `device`); their summary for the run JSON.
+
+    `skip_blocks`: this rank did not read the blocks (local rank 0 shares them, merged already)."""
     entries = [LoraEntry(lora_path(e.path, cfg), e.scale, e.expert) for e in select_loras(cfg.lora, expert)]
-    return merge_lora(model, entries, device=device, expert=expert)
+    skip = (lambda name: name.startswith("blocks.")) if skip_blocks else None
+    return merge_lora(model, entries, device=device, expert=expert, skip=skip)

@@ -3,8 +3,9 @@
 `run(cfg, device)` is what `python -m lightx2v_sp.generate` calls after joining the process group
 (it also runs inside tests' spawned ranks). Every check that could fail on one rank only runs
 through `checks.agreed`, so a user error stops all ranks with one message instead of a hang.
-Rank 0 decodes and writes; the other ranks wait for its outcome (on its heartbeat, not a collective
-timeout: rank0_stage.py) and fail with it.
+Every rank decodes a band of the video's rows (pipeline/decode.py) and rank 0 gathers and writes
+it; the other ranks wait for its outcome (on its heartbeat, not a collective timeout:
+rank0_stage.py) and fail with it.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from lightx2v_sp.attention import resolve_backend
 from lightx2v_sp.config import to_dict
 from lightx2v_sp.distributed import CommStats, ParallelDims
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
-from lightx2v_sp.offload import ComponentPlacement, StageMemory
+from lightx2v_sp.offload import StageMemory
+from lightx2v_sp.plan import check_before_loading, plan_summary
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
+from .decode import decode_rows, gather_video, vae_on_every_rank
 from .denoise import denoise, install_parallel, load_dit
 from .effective import effective_layout
 from .finite import check_video
@@ -87,6 +90,7 @@ def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
     paths = model_paths_for(cfg.model)
     check_loras(cfg)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
+    check_before_loading(cfg, device, world, rank, paths.root)  # CUDA only: the plan against free memory
     return paths, out
 
 
@@ -113,6 +117,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     world, rank = _world()
     stages = _Stages(device)
     dtype = DTYPES[cfg.model.dtype]
+    split_decode = vae_on_every_rank(cfg.vae, world)
 
     with stages("preflight"):
         paths, out_path = agreed("preflight", lambda: _preflight(cfg, device))
@@ -126,8 +131,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     with stages("load"):
         def load():
             model = load_checked("DiT", paths.dit, lambda: load_dit(paths.dit, cfg, device, dtype))
-            vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae),
-                               weights=lambda v: v.vae) if rank == 0 else None
+            vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
+                               weights=lambda v: v.vae) if rank == 0 or split_decode else None
             if vae is not None and vae.z_dim != model.config.in_dim:
                 raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
                                  f"{paths.dit} takes in_dim={model.config.in_dim}; they are not one model")
@@ -161,15 +166,28 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                                    "dit_forwards": denoise_stats["dit_forwards"],
                                    "host_rss": stages.memory.host_as_dict()}, world)
     result = RunResult(latents=latents.cpu())
+    video, rows = None, [0] * world
+
+    def decode(world_: int, rank_: int):
+        piece, rows = decode_rows(vae, latents, device, cfg.vae, cfg.offload.vae, world_, rank_)
+        return gather_video(piece, rows, world_, rank_), rows
+
+    if split_decode:
+        with stages("decode"):  # every rank decodes its band of rows; rank 0 gathers them
+            piece, rows = agreed("decoding the video", lambda: decode_rows(vae, latents, device, cfg.vae,
+                                                                            cfg.offload.vae, world, rank))
+            video = gather_video(piece, rows, world, rank)
+            del piece
 
     def finish():
+        nonlocal video, rows
         if rank != 0:
             return
-        with stages("decode"):
-            placement = ComponentPlacement(vae.vae, cfg.offload.vae, device, name="vae")
-            with placement.on_device():
-                video = vae.decode(latents, device=placement.execution_device)[0].cpu()
-            check_video(video)
+        if not split_decode:  # rank 0 alone, inside the heartbeat stage: the others wait on rank0_stage
+            with stages("decode"):
+                video, rows = decode(1, 0)
+                rows += [0] * (world - 1)
+        check_video(video)
         with stages("write"):
             check_ours(out_path)  # again: files may have appeared there during the run
             write_video(to_uint8_frames(video), out_path, s.fps)
@@ -183,6 +201,9 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
         result.summary["lora"] = lora_summary
+        result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
+                                 "pixel_rows_per_rank": rows}
+        result.summary["memory_plan"] = plan_summary(cfg, world, root=paths.root)
         write_summary(result.summary, out_path)
 
     rank0_stage("decoding and writing the video", finish, cfg.comm.timeout_s)  # heartbeat, not a timeout

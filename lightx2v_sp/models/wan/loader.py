@@ -115,7 +115,8 @@ def _build(config: WanConfig, layout: str, shapes: dict[str, tuple], dtype: torc
     return model, plan
 
 
-def load_wan(path, dtype: torch.dtype | None = None, device="cpu") -> WanModel:
+def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None) -> WanModel:
+    """`skip(name)` True: that parameter is allocated but not read (another process supplies it)."""
     root, layout, cfg, files = resolve_checkpoint(path)
     config = WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
     where, shapes, dtypes = _read_headers(files)
@@ -126,6 +127,8 @@ def load_wan(path, dtype: torch.dtype | None = None, device="cpu") -> WanModel:
     params = dict(model.named_parameters())
     by_file: dict[Path, list] = {}
     for name, key, start, rows in plan:
+        if skip is not None and skip(name):
+            continue
         by_file.setdefault(where[key][0], []).append((name, where[key][1], start, rows))
     with torch.no_grad():
         for file, pieces in by_file.items():

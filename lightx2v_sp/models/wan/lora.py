@@ -265,12 +265,13 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
 
 @torch.no_grad()
 def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.device] = None,
-               expert: Optional[str] = None) -> list[dict]:
+               expert: Optional[str] = None, skip=None) -> list[dict]:
     """Add every entry's deltas to `model`'s weights (in place); a summary per entry.
 
     All deltas for one parameter are summed in fp32 and the sum is rounded once to the parameter's
     dtype. `device`: where the arithmetic runs (e.g. the GPU while the weights sit in host memory).
     `expert`: which expert of a two-expert model `model` is (None: a one-DiT model).
+    `skip(name)` True: a parameter this process did not load (another supplies it, merged).
     """
     if not entries:
         return []
@@ -295,6 +296,8 @@ def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.devic
         summary.append({"path": source, "scale": float(entry.scale), "expert": entry.expert,
                         "tensors_updated": len(deltas)})
     for name, pieces in by_param.items():
+        if skip is not None and skip(name):
+            continue
         p = params[name]
         work = p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
         for start, rows, delta in pieces:

@@ -262,10 +262,10 @@ class WanModel(nn.Module):
         return x.reshape(x.shape[0], -1, f * pt, h * ph, w * pw)
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "WanModel":
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", skip=None) -> "WanModel":
         """Load an official Wan2.1 or a diffusers WanTransformer3DModel directory (see loader.py)."""
         from .loader import load_wan
-        return load_wan(path, dtype=dtype, device=device)
+        return load_wan(path, dtype=dtype, device=device, skip=skip)
 
     def save_pretrained(self, path, layout: str = "official", max_shard_bytes: int | None = None) -> None:
         from .loader import save_pretrained

@@ -1,0 +1,207 @@
+"""What the memory plan knows about a model without loading it: configs, exact weight counts (modules
+built on the meta device) and the VAE decode's memory as a function of the rows a rank decodes.
+
+The VAE decode formula: the causal-conv caches are counted from the decoder's modules (2 frames of
+every cached conv input, at the rows of the band the rank decodes), plus transient activations at
+the top resolution, `_transient_per_px()` values per output pixel: what is left of the measured
+480p fp32 whole-frame peak (9.26 GiB, one H100, issue 12) after the weights, the caches and the
+video. The same formula gives 20.75 GiB at 720p (measured 20.71); bf16 halves every term
+(measured 4.63 / 10.36).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+GIB = 1 << 30
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# VAE decode: whole-frame fp32 480p peak of Wan2.1's VAE, 81 frames, one H100 (issue 12)
+VAE_CALIBRATION = {"peak_bytes": 9.26 * GIB, "dtype_bytes": 4, "height": 480, "width": 832, "frames": 81}
+
+
+@dataclass
+class Shapes:
+    """What the plan needs to know about the checkpoint."""
+
+    name: str
+    dit: object            # WanConfig
+    t5: object             # T5Config
+    vae: dict              # AutoencoderKLWan kwargs
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def model_shapes(model_cfg) -> Shapes:
+    """Configs of the DiT, UMT5 and VAE that `model` names, read without loading any weight."""
+    from lightx2v_sp.models.t5.model import T5Config
+    from lightx2v_sp.models.wan import WanConfig
+
+    if model_cfg.path is None:
+        from lightx2v_sp.models.tiny import TINY_T5, TINY_VAE, TINY_WAN
+
+        return Shapes("tiny (embedded)", WanConfig(**TINY_WAN), T5Config(**TINY_T5), dict(TINY_VAE))
+    root = os.path.expanduser(model_cfg.path)
+    t5, vae = T5Config.umt5_xxl(), {}  # what Wan2.1 ships (the official .pth has no config to read)
+    te_dir = model_cfg.text_encoder_path or os.path.join(root, "text_encoder")
+    te_json = _read_json(os.path.join(te_dir, "config.json")) if os.path.isdir(te_dir) else None
+    if te_json and "d_model" in te_json:
+        from lightx2v_sp.models.t5.loader import config_from_hf
+
+        t5 = config_from_hf(te_json, os.path.join(te_dir, "config.json"))
+    vae_dir = model_cfg.vae_path or os.path.join(root, "vae")
+    vae_json = _read_json(os.path.join(vae_dir, "config.json")) if os.path.isdir(vae_dir) else None
+    if vae_json:
+        import inspect
+
+        from diffusers import AutoencoderKLWan
+
+        known = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
+        vae = {k: v for k, v in vae_json.items() if k in known}
+    official = _read_json(os.path.join(root, "config.json"))
+    if official and "dim" in official:
+        return Shapes(root, WanConfig.from_official(official), t5, vae)
+    diffusers = _read_json(os.path.join(root, "transformer", "config.json"))
+    if diffusers:
+        return Shapes(root, WanConfig.from_diffusers(diffusers), t5, vae)
+    base = os.path.basename(os.path.normpath(root)).lower()
+    for tag, make in (("14b", WanConfig.t2v_14b), ("1.3b", WanConfig.t2v_1_3b)):
+        if tag in base:
+            return Shapes(f"{root} (not on this machine: the named Wan2.1 {tag.upper()} config)", make(), t5, vae)
+    raise ValueError(f"model.path {root} holds no DiT config.json (official or transformer/) and its name "
+                     "says neither 14B nor 1.3B; the plan cannot know the model's size")
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
+
+
+def dit_numel(dit_cfg) -> dict:
+    """{'blocks': all transformer blocks, 'block': one block, 'other': embeddings, head}."""
+    from lightx2v_sp.models.wan import WanModel
+
+    key = repr(dit_cfg)
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            model = WanModel(dit_cfg)
+        blocks = _numel(model.blocks)
+        _COUNTS[key] = {"blocks": blocks, "block": _numel(model.blocks[0]), "other": _numel(model) - blocks}
+    return dict(_COUNTS[key])
+
+
+_COUNTS: dict = {}  # meta-device parameter counts by config (a 14B model takes a second to build)
+
+
+def _meta_vae(vae_kwargs: dict):
+    return _meta_vae_cached(json.dumps(vae_kwargs, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_vae_cached(key: str):
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        return AutoencoderKLWan(**json.loads(key))
+
+
+def _t5_numel(t5_cfg, mode: str, world: int, rank: int) -> int:
+    from lightx2v_sp.models.t5.budget import weight_numel
+
+    key = (repr(t5_cfg), mode, world, rank)
+    if key not in _COUNTS:
+        _COUNTS[key] = weight_numel(t5_cfg, mode, world, rank)["total"]
+    return _COUNTS[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE decode
+
+def _cached_convs(decoder) -> list[tuple[int, int]]:
+    """(factor, input channels) of every causal conv that caches 2 frames, in execution order."""
+    out = [(1, decoder.conv_in.in_channels)]
+    for res in decoder.mid_block.resnets:
+        out += [(1, res.conv1.in_channels), (1, res.conv2.in_channels)]
+    factor = 1
+    for block in decoder.up_blocks:
+        for res in block.resnets:
+            out += [(factor, res.conv1.in_channels), (factor, res.conv2.in_channels)]
+        if block.upsamplers is not None:
+            up = block.upsamplers[0]
+            if up.mode == "upsample3d":
+                out.append((factor, up.time_conv.in_channels))
+            if up.mode in ("upsample2d", "upsample3d"):
+                factor *= 2
+    out.append((factor, decoder.conv_out.in_channels))
+    return out
+
+
+def _caches_per_px(decoder, top: int) -> float:
+    """Cached values per output pixel of a whole frame (2 frames of each cached conv input)."""
+    return sum(2 * c * (f / top) ** 2 for f, c in _cached_convs(decoder))
+
+
+def _transient_per_px() -> float:
+    """Values per output pixel live at the decode's peak beyond the caches and the video: the rest of
+    the calibration peak ~ weights + px x (caches + transient + 3 x frames), for Wan2.1's VAE."""
+    from lightx2v_sp.models.vae_rows import decoder_stages
+
+    c = VAE_CALIBRATION
+    vae = _meta_vae({})
+    _, top = decoder_stages(vae.decoder)
+    px = c["height"] * c["width"]
+    total = (c["peak_bytes"] / c["dtype_bytes"] - _numel(vae)) / px
+    return total - _caches_per_px(vae.decoder, top) - 3 * c["frames"]
+
+
+def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: int, dtype_bytes: int,
+                     bands: list[tuple[int, int]], receive_rows: int = 0) -> dict:
+    """GPU bytes of one rank's decode: {'weights', 'caches', 'activations', 'video'}.
+
+    `bands`: the latent row bands the rank decodes one after another ([] = none; one band
+    (0, H) = the whole frame); `receive_rows`: pixel rows of the largest piece rank 0 receives
+    from another rank while gathering (its receive buffer, on the device).
+    """
+    from lightx2v_sp.models.vae_rows import band_window, decoder_stages
+
+    vae = _meta_vae(vae_kwargs)
+    weights = (_numel(vae.decoder) + _numel(vae.post_quant_conv)) * dtype_bytes  # the encoder stays on the host
+    if not bands:
+        return {"weights": 0, "caches": 0, "activations": 0, "video": 0}
+    height, width = latent_hw
+    stages, top = decoder_stages(vae.decoder)
+    halo = {}
+    for s in stages:  # the widest window at each factor: the first stage there
+        halo.setdefault(s.factor, s.halo)
+    convs = _cached_convs(vae.decoder)
+    px_width = width * top
+    transient_per_px = _transient_per_px() * vae.decoder.conv_out.in_channels / 96
+    worst = (0.0, 0.0)
+    for a, b in bands:
+        caches = 0.0
+        for f, c in convs:
+            lo, hi = (0, height * f) if f == 1 else band_window(a, b, height, f, halo.get(f, 0))
+            caches += 2 * c * (hi - lo) * width * f
+        lo, hi = band_window(a, b, height, top, halo.get(top, 0))
+        transient = transient_per_px * (hi - lo) * px_width
+        worst = max(worst, (caches, transient), key=sum)
+    rows = top * sum(b - a for a, b in bands)
+    video_values = 3 * num_frames * px_width * rows
+    if len(bands) > 1:
+        video_values += 3 * num_frames * px_width * rows  # the bands' concatenation
+    # the gather's receive buffer comes after the decode freed its caches: it only counts past them
+    video_values += max(0.0, 3 * num_frames * px_width * receive_rows - sum(worst))
+    return {"weights": weights, "caches": int(worst[0] * dtype_bytes), "activations": int(worst[1] * dtype_bytes),
+            "video": int(video_values * dtype_bytes)}
