@@ -11,6 +11,13 @@ DiT, VAE) on a CPU in seconds. Its videos are noise.
       vae/                                               diffusers AutoencoderKLWan
       TINY_MODEL.json                                    written last: marks a complete build
 
+Variants (`model.tiny`) mirror the other members of the Wan family, with the same text encoder,
+tokenizer and VAE (same seeds) and their own DiT files:
+
+    <cache>/tiny-wan2.2-t2v-a14b-<TINY_VERSION>/   high_noise_model/ + low_noise_model/ (official
+                                                  Wan2.2 A14B layout), two differently seeded experts
+    <cache>/tiny-wan2.2-i2v-a14b-<TINY_VERSION>/   the same with I2V experts (in_dim 36, model_type i2v)
+
 `<cache>` is $LIGHTX2V_SP_CACHE, else ~/.cache/lightx2v_sp. The build goes to a temporary sibling
 directory renamed into place, under an exclusive file lock, so concurrent ranks (or jobs) neither
 see a half-written model nor build it twice.
@@ -37,6 +44,13 @@ TINY_WAN = dict(dim=96, num_heads=12, num_layers=2, ffn_dim=192, in_dim=16, out_
                 freq_dim=64, text_len=32)
 TINY_T5 = dict(vocab_size=256, d_model=64, d_kv=8, num_heads=12, d_ff=128, num_layers=2)
 TINY_VAE = dict(base_dim=8, z_dim=16, num_res_blocks=1)
+# variant -> DiT shapes per expert (None: the one-DiT tiny model above)
+VARIANTS = {
+    "wan2.1-t2v": None,
+    "wan2.2-t2v-a14b": {"high_noise_model": TINY_WAN, "low_noise_model": TINY_WAN},
+    "wan2.2-i2v-a14b": {name: dict(TINY_WAN, in_dim=36, model_type="i2v")
+                        for name in ("high_noise_model", "low_noise_model")},
+}
 
 _WORDS = ("a an the cat cats dog tiny small big walks runs on in of and with grass field sky city "
           "street realistic style video blurry low quality bad worst best red green blue").split()
@@ -46,32 +60,39 @@ def cache_root() -> str:
     return os.environ.get("LIGHTX2V_SP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightx2v_sp")
 
 
-def tiny_model_dir(root: str | None = None) -> str:
-    return os.path.join(root or cache_root(), f"tiny-{TINY_VERSION}")
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"model.tiny = {variant!r} is not one of the embedded tiny models {sorted(VARIANTS)}")
+
+
+def tiny_model_dir(root: str | None = None, variant: str = "wan2.1-t2v") -> str:
+    _check_variant(variant)
+    name = f"tiny-{TINY_VERSION}" if VARIANTS[variant] is None else f"tiny-{variant}-{TINY_VERSION}"
+    return os.path.join(root or cache_root(), name)
 
 
 def is_built(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def ensure_tiny_model(root: str | None = None) -> str:
-    """Directory of the tiny model, building it first if no complete copy exists."""
-    final = tiny_model_dir(root)
+def ensure_tiny_model(root: str | None = None, variant: str = "wan2.1-t2v") -> str:
+    """Directory of the tiny model `variant`, building it first if no complete copy exists."""
+    final = tiny_model_dir(root, variant)
     if is_built(final):
         return final
     parent = os.path.dirname(final)
     try:
         os.makedirs(parent, exist_ok=True)
-        lock = open(os.path.join(parent, f".tiny-{TINY_VERSION}.lock"), "a+")
+        lock = open(os.path.join(parent, f".{os.path.basename(final)}.lock"), "a+")
     except OSError as e:
         raise ValueError(f"cannot write the tiny model cache under {parent} ({e.strerror}); set "
                          "LIGHTX2V_SP_CACHE to a writable directory or set model.path") from None
     with lock, _locked(lock):
         if is_built(final):  # another process built it while we waited
             return final
-        tmp = tempfile.mkdtemp(prefix=f".tiny-{TINY_VERSION}.tmp-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
         try:
-            write_tiny_model(tmp)
+            write_tiny_model(tmp, variant)
             _make_readable(tmp)
             if os.path.isdir(final):  # incomplete leftovers cannot exist (rename is atomic), but be safe
                 shutil.rmtree(final)
@@ -99,25 +120,33 @@ def _locked(f):
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def write_tiny_model(path: str) -> None:
-    """Write every component of the tiny model into `path` (an existing, empty directory)."""
+def write_tiny_model(path: str, variant: str = "wan2.1-t2v") -> None:
+    """Write every component of the tiny model `variant` into `path` (an existing, empty directory)."""
+    _check_variant(variant)
+    experts = VARIANTS[variant]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        _write_dit(path)
+        if experts is None:
+            _write_dit(path)
+        for i, (sub, shape) in enumerate((experts or {}).items()):
+            torch.manual_seed(SEED + 10 + i)  # each expert its own weights: a wrong switch shows
+            _write_dit(os.path.join(path, sub), shape)
         torch.manual_seed(SEED + 1)
         _write_text_encoder(os.path.join(path, "text_encoder"))
         torch.manual_seed(SEED + 2)
         _write_vae(os.path.join(path, "vae"))
     _write_tokenizer(os.path.join(path, "tokenizer"))
     with open(os.path.join(path, MARKER), "w") as f:
-        json.dump({"version": TINY_VERSION, "seed": SEED, "dit": TINY_WAN, "text_encoder": TINY_T5,
-                   "vae": TINY_VAE, "note": "random weights: the videos it makes are noise"}, f, indent=2)
+        variant_keys = {} if experts is None else {"variant": variant}  # the original model's marker is unchanged
+        json.dump({"version": TINY_VERSION, **variant_keys, "seed": SEED, "dit": experts or TINY_WAN,
+                   "text_encoder": TINY_T5, "vae": TINY_VAE,
+                   "note": "random weights: the videos it makes are noise"}, f, indent=2)
 
 
-def _write_dit(path: str) -> None:
+def _write_dit(path: str, shape: dict = TINY_WAN) -> None:
     from lightx2v_sp.models.wan import WanConfig, WanModel
 
-    model = WanModel(WanConfig(**TINY_WAN))
+    model = WanModel(WanConfig(**shape))
     model.save_pretrained(path, layout="official")
 
 

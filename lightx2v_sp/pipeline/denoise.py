@@ -13,6 +13,7 @@ from tqdm import tqdm
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
 from lightx2v_sp.offload import offload_dit_blocks
 
+from .experts import Experts
 from .guidance import guided_prediction
 from .scheduler import make_scheduler
 
@@ -36,14 +37,23 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device):
 
 
 @torch.no_grad()
-def denoise(model: WanModel, latents: torch.Tensor, contexts, cfg, dims, show_progress: bool) -> torch.Tensor:
-    """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32)."""
+def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
+            condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32).
+
+    `model` is one DiT or the `Experts` of a two-expert model (which one runs, and its guidance
+    scale, depends on the timestep). `condition` [B, 4 + z, F, H, W] (I2V: mask + image latents)
+    is concatenated after the latents on the channel axis at every step.
+    """
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift)
+    experts = model if isinstance(model, Experts) else Experts([model], [s.guidance_scale], None)
     batch = latents.shape[0]
     for t in tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True):
+        dit, scale = experts.select(t)
         timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
-        velocity = guided_prediction(lambda context: model(latents, timestep, context),
-                                     contexts.cond, contexts.uncond, s.guidance_scale, dims)
+        x = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=1)
+        velocity = guided_prediction(lambda context: dit(x, timestep, context),
+                                     contexts.cond, contexts.uncond, scale, dims)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
     return latents.float()

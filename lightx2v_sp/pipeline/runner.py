@@ -24,10 +24,13 @@ from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import ComponentPlacement, StageMemory
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
-from .denoise import denoise, install_parallel, load_dit
+from .denoise import denoise
+from .experts import install_experts, load_experts
+from .image import encode_image_condition, open_image
+from .kind import boundary_ratio, check_inputs, detect_kind
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
-from .paths import ModelPaths, model_paths_for
+from .paths import model_paths_for
 from .text import check_text_encoder_layout, encode_prompts
 
 log = logging.getLogger("lightx2v_sp")
@@ -70,7 +73,7 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
+def _preflight(cfg, device: torch.device):
     world, rank = _world()
     out = None
     if rank == 0:  # cheapest first
@@ -79,7 +82,11 @@ def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
     check_text_encoder_layout(cfg.text_encoder, device, world)
     paths = model_paths_for(cfg.model)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
-    return paths, out
+    kind = detect_kind(paths)
+    check_inputs(kind, cfg)
+    if cfg.image is not None and rank == 0:  # rank 0 encodes it
+        open_image(cfg.image)
+    return paths, out, kind
 
 
 def _ulysses(cfg) -> int:
@@ -107,7 +114,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     dtype = DTYPES[cfg.model.dtype]
 
     with stages("preflight"):
-        paths, out_path = agreed("preflight", lambda: _preflight(cfg, device))
+        paths, out_path, kind = agreed("preflight", lambda: _preflight(cfg, device))
         dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree)
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
@@ -117,28 +124,35 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     with stages("load"):
         def load():
-            model = load_dit(paths.dit, cfg, device, dtype)
+            models = load_experts(kind.experts, cfg, device, dtype)
+            model = models[0]
             vae = WanVAE.from_pretrained(paths.vae) if rank == 0 else None
-            if vae is not None and vae.z_dim != model.config.in_dim:
+            if vae is not None and vae.z_dim != model.config.out_dim:
                 raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
-                                 f"{paths.dit} takes in_dim={model.config.in_dim}; they are not one model")
+                                 f"{paths.dit} denoises out_dim={model.config.out_dim}; they are not one model")
             if vae is not None and (vae.temporal_stride, vae.spatial_stride) != (VAE_TEMPORAL_STRIDE,
                                                                                  VAE_SPATIAL_STRIDE):
                 raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
                                  f"{vae.spatial_stride}; Wan2.1's VAE (4 x 8) is the only one supported")
-            return model, vae
-        model, vae = agreed("loading the DiT", load)
-        offload = install_parallel(model, cfg, dims, device)
+            return models, vae
+        models, vae = agreed("loading the DiT", load)
+        experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
 
     s = cfg.sample
-    shape = latent_shape(model.config.in_dim, s.num_frames, s.height, s.width)
+    shape = latent_shape(experts.config.out_dim, s.num_frames, s.height, s.width)
+    condition = None
+    if kind.image_input:
+        with stages("image"):
+            condition = encode_image_condition(cfg, vae, (experts.config.condition_dim, *shape[1:]), device,
+                                               world, rank)
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
-        latents = denoise(model, latents, contexts, cfg, dims, show_progress=progress and rank == 0)
-    if offload is not None:
-        offload.release_buffers()
+        latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
+                          condition=condition)
+    experts.release()
     prompt_tokens = contexts.num_tokens
-    del model, contexts
+    experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
+    del models, experts, contexts, condition
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -159,6 +173,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len}
+        result.summary["experts"] = experts_summary
         write_json(result.summary, summary_path(out_path))
 
     agreed("decoding and writing the video", finish)

@@ -20,14 +20,19 @@ class WanConfig:
     cross_attn_norm: bool = True
     qk_norm: bool = True
     rope_theta: float = 10000.0
-    model_type: str = "t2v"          # "i2v" is reserved: needs image context (img_emb, k_img/v_img), not built yet
+    # "t2v", or "i2v": the input is [noise | mask | image latents] (in_dim = 2 * out_dim + 4). Wan2.2's
+    # I2V experts have no image cross-attention; Wan2.1's (img_emb, k_img/v_img) is not built yet.
+    model_type: str = "t2v"
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys of the source config, kept for saving
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
-        if self.model_type != "t2v":
-            raise ValueError(f"model_type={self.model_type!r}: only text-to-video ('t2v') Wan2.1 models are "
-                             f"implemented; an I2V checkpoint would load without its image branch")
+        if self.model_type not in ("t2v", "i2v"):
+            raise ValueError(f"model_type={self.model_type!r}: only text-to-video ('t2v') and image-to-video "
+                             f"('i2v') Wan models are implemented")
+        if self.model_type == "i2v" and self.in_dim != 2 * self.out_dim + 4:
+            raise ValueError(f"model_type='i2v' with in_dim={self.in_dim}, out_dim={self.out_dim}: an I2V DiT takes "
+                             f"noise + 4 mask + image latent channels = {2 * self.out_dim + 4}")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints (t, h, w), got {self.patch_size}")
         if self.dim % self.num_heads:
@@ -36,6 +41,11 @@ class WanConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even and >= 6 for the 3-D rotary embedding")
         if self.freq_dim % 2:
             raise ValueError(f"freq_dim={self.freq_dim} must be even (cos and sin halves)")
+
+    @property
+    def condition_dim(self) -> int:
+        """Input channels beyond the noisy latents (I2V: 4 mask + out_dim image-latent channels)."""
+        return self.in_dim - self.out_dim if self.model_type == "i2v" else 0
 
     @property
     def head_dim(self) -> int:
@@ -57,6 +67,11 @@ class WanConfig:
         return cls(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824)
 
     @classmethod
+    def i2v_a14b(cls) -> "WanConfig":
+        """One expert of Wan2.2-I2V-A14B (Wan2.2-T2V-A14B's experts are t2v_14b)."""
+        return cls(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824, in_dim=36, model_type="i2v")
+
+    @classmethod
     def tiny(cls, **overrides) -> "WanConfig":
         """Real architecture at toy size (tests, CPU benches): 6 heads split over 2 or 3 ranks."""
         return cls(**{"dim": 96, "num_heads": 6, "num_layers": 2, "ffn_dim": 256, "text_dim": 64,
@@ -64,7 +79,8 @@ class WanConfig:
 
     @classmethod
     def named(cls, name: str) -> "WanConfig":
-        table = {"tiny": cls.tiny, "1.3b": cls.t2v_1_3b, "t2v-1.3b": cls.t2v_1_3b, "14b": cls.t2v_14b, "t2v-14b": cls.t2v_14b}
+        table = {"tiny": cls.tiny, "1.3b": cls.t2v_1_3b, "t2v-1.3b": cls.t2v_1_3b, "14b": cls.t2v_14b, "t2v-14b": cls.t2v_14b,
+                 "t2v-a14b": cls.t2v_14b, "i2v-a14b": cls.i2v_a14b}
         if name.lower() not in table:
             raise ValueError(f"unknown Wan config {name!r}; known: {sorted(table)}")
         return table[name.lower()]()
@@ -129,6 +145,9 @@ class WanConfig:
             eps=cfg.get("eps", 1e-6),
             patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
             cross_attn_norm=cfg.get("cross_attn_norm", True),
+            # diffusers stores no model type; an I2V DiT is the one that takes more channels than it returns
+            model_type="i2v" if cfg.get("in_channels", 16) > (cfg.get("out_channels") or cfg.get("in_channels", 16))
+            else "t2v",
             # diffusers builds q/k norms whatever qk_norm says, so its checkpoints always carry them
             qk_norm=True,
         )

@@ -1,0 +1,107 @@
+"""Which member of the Wan family a checkpoint is, read from its own files.
+
+- diffusers: model_index.json (`_class_name`, `transformer_2`, `boundary_ratio`, `expand_timesteps`)
+  and transformer/config.json (more input than output channels: image-to-video);
+- official: config.json's `model_type` (t2v / i2v) and, for Wan2.2 A14B, the high_noise_model/ and
+  low_noise_model/ folders. The official files carry no boundary: it is the one of the Wan2.2 release
+  (t2v 0.875, i2v 0.900).
+
+Per-expert guidance scales are in no checkpoint file (diffusers passes them to `__call__`), so they
+come from `sample.guidance_scale` (high-noise expert) and `sample.guidance_scale_2` (low-noise).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from .paths import ModelPaths
+
+# Wan2.2 A14B release configs (wan/configs/wan_{t2v,i2v}_A14B.py): boundary as a fraction of 1000 steps
+OFFICIAL_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}
+
+
+@dataclass
+class ModelKind:
+    name: str                         # "wan2.1-t2v" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan-i2v"
+    image_input: bool                 # the DiT is conditioned on an encoded first frame
+    experts: tuple[str, ...]          # DiT directories: (high-noise, low-noise) or (the only one,)
+    boundary_ratio: Optional[float]   # from the checkpoint; None for one-DiT models
+    boundary_source: str              # where boundary_ratio came from (for the summary)
+
+    @property
+    def two_experts(self) -> bool:
+        return len(self.experts) == 2
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _model_type(dit: str, layout: str) -> str:
+    cfg = _json(os.path.join(dit, "config.json"))
+    if layout == "official":
+        return cfg.get("model_type", "t2v")
+    inputs = cfg.get("in_channels", 16)
+    return "i2v" if inputs > (cfg.get("out_channels") or inputs) else "t2v"
+
+
+def detect_kind(paths: ModelPaths) -> ModelKind:
+    """The kind of the checkpoint at `paths`; a ValueError for members that are not implemented."""
+    index = _json(os.path.join(paths.root, "model_index.json")) if paths.dit_layout == "diffusers" else {}
+    if index.get("expand_timesteps"):
+        raise ValueError(f"{paths.root}/model_index.json has expand_timesteps=true: a Wan2.2 TI2V-5B checkpoint "
+                         "(per-token timesteps, the 48-channel Wan2.2 VAE), which is not implemented yet")
+    model_type = _model_type(paths.dit, paths.dit_layout)
+    if model_type not in ("t2v", "i2v"):
+        raise ValueError(f"{paths.dit}/config.json has model_type={model_type!r}; only t2v and i2v Wan DiTs "
+                         "are implemented")
+    experts = (paths.dit,) if paths.dit_2 is None else (paths.dit, paths.dit_2)
+    if len(experts) == 2 and _model_type(paths.dit_2, paths.dit_layout) != model_type:
+        raise ValueError(f"the two experts disagree: {paths.dit} is {model_type}, {paths.dit_2} is "
+                         f"{_model_type(paths.dit_2, paths.dit_layout)}; they are not one model")
+    boundary, source = None, "none (one DiT)"
+    if len(experts) == 2:
+        if paths.dit_layout == "diffusers":
+            boundary, source = index.get("boundary_ratio"), "model_index.json"
+        else:
+            boundary, source = OFFICIAL_BOUNDARY[model_type], f"Wan2.2 release default for {model_type}"
+    name = {("t2v", 1): "wan2.1-t2v", ("t2v", 2): "wan2.2-t2v-a14b", ("i2v", 1): "wan-i2v",
+            ("i2v", 2): "wan2.2-i2v-a14b"}[model_type, len(experts)]
+    return ModelKind(name=name, image_input=model_type == "i2v", experts=experts, boundary_ratio=boundary,
+                     boundary_source=source)
+
+
+def boundary_ratio(kind: ModelKind, sample_cfg) -> Optional[float]:
+    """`sample.boundary_ratio` if set, else the checkpoint's; None for one-DiT models."""
+    if not kind.two_experts:
+        return None
+    ratio = sample_cfg.boundary_ratio if sample_cfg.boundary_ratio is not None else kind.boundary_ratio
+    if ratio is None:
+        raise ValueError(f"the two-expert model ({kind.experts[0]}, {kind.experts[1]}) has no boundary_ratio in "
+                         "its model_index.json; set sample.boundary_ratio (Wan2.2: 0.875 for T2V, 0.9 for I2V), "
+                         "otherwise the low-noise expert would never run")
+    return float(ratio)
+
+
+def check_inputs(kind: ModelKind, cfg) -> None:
+    """The run's inputs fit the model: an image for I2V kinds and only for them; expert settings only
+    for two-expert models."""
+    if kind.image_input and cfg.image is None:
+        raise ValueError(f"the model at {kind.experts[0]} is image-to-video ({kind.name}) and needs image=path/to.png "
+                         "(its first frame); none was given")
+    if not kind.image_input and cfg.image is not None:
+        raise ValueError(f"image={cfg.image} was given, but the model at {kind.experts[0]} is text-to-video "
+                         f"({kind.name}) and would ignore it; drop image= or use an I2V model")
+    if not kind.two_experts and (cfg.sample.guidance_scale_2 is not None or cfg.sample.boundary_ratio is not None):
+        raise ValueError(f"sample.guidance_scale_2 / sample.boundary_ratio are for two-expert (Wan2.2 A14B) models; "
+                         f"the model at {kind.experts[0]} has one DiT and would ignore them")
+    boundary_ratio(kind, cfg.sample)
