@@ -126,7 +126,10 @@ def test_config_errors():
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         WanConfig(dim=100, num_heads=12)
     with pytest.raises(ValueError, match="only text-to-video"):
-        WanConfig(model_type="i2v")
+        WanConfig(model_type="ti2v")
+    with pytest.raises(ValueError, match="noise \\+ 4 mask \\+ image latent channels = 36"):
+        WanConfig(model_type="i2v")  # an I2V DiT with T2V's 16 input channels
+    assert WanConfig(model_type="i2v", in_dim=36).condition_dim == 20
     with pytest.raises(ValueError, match="unknown Wan config"):
         WanConfig.named("7b")
 

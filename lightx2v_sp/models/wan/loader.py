@@ -119,7 +119,7 @@ def load_wan(path, dtype: torch.dtype | None = None, device="cpu") -> WanModel:
     root, layout, cfg, files = resolve_checkpoint(path)
     config = WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
     where, shapes, dtypes = _read_headers(files)
-    clip_branch = sorted(k for k in shapes if k.startswith("img_emb.") or ".k_img." in k)
+    clip_branch = sorted(k for k in shapes if k.startswith("img_emb.") or ".cross_attn.k_img." in k)
     if clip_branch:
         raise ValueError(f"{root} holds a Wan2.1 I2V DiT with a CLIP image branch ({clip_branch[0]}, ...), which "
                          f"is not implemented; loading it without that branch would ignore the image features")
