@@ -2,6 +2,13 @@
 
 python scripts/bench_e2e.py --config 1.3b --steps 10        (GPU: Wan2.1-1.3B at 480p, umt5-xxl, Wan VAE)
 python scripts/bench_e2e.py --config tiny --device cpu      (smoke test)
+python scripts/bench_e2e.py --config a14b --experts 2 --offload block --steps 2 --no-decode
+                                            (Wan2.2-T2V-A14B at 720p on one GPU: two experts, block offload)
+
+With --experts 2 the DiT is two experts of the config's shape (Wan2.2 A14B: the high-noise one,
+then the low-noise one); the boundary is put between the two middle steps, so half the measured
+steps run each expert. Each step is timed on its own, and so is the switch (with --offload swap:
+dropping the high-noise expert's device copy and one host-to-device copy of the low-noise one).
 
 Real model sizes, random weights built directly on the device (no checkpoint files), the
 pipeline's own stages (models/t5, pipeline.denoise with UniPC + guidance, models/vae). Prints
@@ -25,11 +32,13 @@ from lightx2v_sp.models.vae import WanVAE  # noqa: E402
 from lightx2v_sp.models.wan import WanConfig, WanModel  # noqa: E402
 from lightx2v_sp.offload import StageMemory  # noqa: E402
 from lightx2v_sp.pipeline.denoise import denoise  # noqa: E402
+from lightx2v_sp.pipeline.experts import install_experts  # noqa: E402
+from lightx2v_sp.pipeline.scheduler import make_scheduler  # noqa: E402
 from lightx2v_sp.pipeline.latents import initial_latents, latent_shape  # noqa: E402
 from lightx2v_sp.pipeline.text import TextContexts  # noqa: E402
 
 SIZES = {"1.3b": dict(height=480, width=832, frames=81), "14b": dict(height=720, width=1280, frames=81),
-         "tiny": dict(height=64, width=64, frames=9)}
+         "a14b": dict(height=720, width=1280, frames=81), "tiny": dict(height=64, width=64, frames=9)}
 
 
 def on_device(make, device, dtype):
@@ -48,16 +57,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompt-tokens", type=int, default=120, help="real tokens per prompt (of 512)")
+    p.add_argument("--experts", type=int, choices=[1, 2], default=1,
+                   help="2: two experts of this shape switching halfway (Wan2.2 A14B); needs --steps >= 2")
+    p.add_argument("--offload", choices=["none", "block", "swap"], default="none", help="offload.dit")
+    p.add_argument("--no-decode", action="store_true", help="skip the VAE decode (denoising numbers only)")
     args = p.parse_args()
+    if args.experts == 2 and args.steps < 2:
+        p.error("--experts 2 needs --steps >= 2 (one step per expert at least)")
     device, dtype = torch.device(args.device), torch.bfloat16 if args.device == "cuda" else torch.float32
     size = SIZES[args.config]
     tiny = args.config == "tiny"
-    wan_cfg = WanConfig.named(args.config)
+    wan_cfg = WanConfig.named("t2v-a14b" if args.config == "a14b" else args.config)
     t5_cfg = (T5Config(vocab_size=256, d_model=wan_cfg.text_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=4)
               if tiny else T5Config.umt5_xxl())
     cfg = load_config(None, [f"sample.steps={args.steps}", f"sample.height={size['height']}",
                              f"sample.width={size['width']}", f"sample.num_frames={size['frames']}",
-                             "sample.guidance_scale=5.0", "sample.shift=3.0"])
+                             "sample.guidance_scale=5.0", "sample.shift=3.0", f"offload.dit={args.offload}"])
     memory, times = StageMemory(device), {}
 
     def stage(name, fn):
@@ -79,34 +94,97 @@ def main() -> None:
         stage("text (2 prompts)", lambda: encoder(ids, mask))
         context = stage("text (2 prompts)", lambda: encoder(ids, mask))  # second call: warm
         del encoder
-        model = on_device(lambda: WanModel(wan_cfg), device, dtype).set_dtype(dtype).eval()
         # text_dim of umt5-xxl is 4096 = the DiT's text_dim
         contexts = TextContexts(cond=context[:1].to(dtype), uncond=context[1:2].to(dtype), num_tokens=[0, 0])
         shape = latent_shape(wan_cfg.in_dim, size["frames"], size["height"], size["width"])
         latents = initial_latents(0, shape, device)
         dims = ParallelDims()
-        stage("denoise warm-up (1 step)", lambda: denoise(model, latents, contexts,
-                                                          load_config(None, ["sample.steps=1"]), dims, False))
+        timer: dict = {"steps": [], "switch": None, "last": None}
+        if args.experts == 1 and args.offload == "none":
+            model = on_device(lambda: WanModel(wan_cfg), device, dtype).set_dtype(dtype).eval()
+        else:
+            model, timer = build_experts(args, wan_cfg, cfg, dims, device, dtype)
+        warm = load_config(None, ["sample.steps=1", f"offload.dit={args.offload}"])
+        stage("denoise warm-up (1 step)", lambda: denoise(model, latents, contexts, warm, dims, False))
+        timer.update(steps=[], switch=None, last=None)
         out = stage(f"denoise ({args.steps} steps, CFG)", lambda: denoise(model, latents, contexts, cfg, dims, False))
+        if args.experts == 2 or args.offload != "none":
+            model.release()
         del model
         torch.cuda.empty_cache() if device.type == "cuda" else None
+        if args.no_decode:
+            return report(args, size, shape, None, times, memory, device, timer)
         vae_model = on_device(lambda: __import__("diffusers").AutoencoderKLWan(
             **({"base_dim": 16, "z_dim": 16, "num_res_blocks": 1} if tiny else {})), device, torch.float32)
         vae = WanVAE(vae_model.eval())
         video = stage("VAE decode (fp32)", lambda: vae.decode(out, device=device))
+    report(args, size, shape, video, times, memory, device, timer)
+
+
+def build_experts(args, wan_cfg, cfg, dims, device, dtype):
+    """`args.experts` random DiTs placed per `--offload`, switching halfway through `--steps`, and the
+    timer that their `select` fills as it is called: seconds between steps, and of the switch."""
+    models = []
+    for _ in range(args.experts):
+        model = on_device(lambda: WanModel(wan_cfg), device, dtype).set_dtype(dtype).eval()
+        models.append(model.to("cpu") if args.offload != "none" else model)  # offload places it from the host
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    steps = make_scheduler("unipc", args.steps, cfg.sample.shift).timesteps.tolist()
+    half = args.steps // 2  # the boundary sits between the two middle timesteps
+    boundary = (steps[half - 1] + steps[half]) / 2000 if args.experts == 2 else None
+    experts = install_experts(models, cfg, dims, device, boundary)
+    timer: dict = {"steps": [], "switch": None, "last": None}
+    select = experts.select
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed_select(t):
+        sync()
+        now = time.perf_counter()
+        if timer["last"] is not None:
+            timer["steps"].append(now - timer["last"])
+        before = experts.active
+        chosen = select(t)
+        sync()
+        if before is not None and experts.active != before:
+            timer["switch"] = time.perf_counter() - now
+        timer["last"] = now
+        return chosen
+
+    experts.select = timed_select
+    return experts, timer
+
+
+def report(args, size, shape, video, times, memory, device, timer) -> None:
+    step_times, switch = timer["steps"], timer["switch"]
     per_step = times[f"denoise ({args.steps} steps, CFG)"] / args.steps
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"End to end, Wan2.1-{args.config} shapes with random weights, {size['frames']}x{size['height']}x"
-          f"{size['width']} -> latents {list(shape)}, video {list(video.shape)}, {where}, torch {torch.__version__}\n")
+    what = (f"Wan2.2-A14B-style two experts of Wan2.1-{'14b' if args.config == 'a14b' else args.config}"
+            if args.experts == 2 else f"Wan2.1-{args.config}")
+    video_shape = list(video.shape) if video is not None else "not decoded"
+    print(f"End to end, {what} shapes with random weights, offload.dit={args.offload}, {size['frames']}x"
+          f"{size['height']}x{size['width']} -> latents {list(shape)}, video {video_shape}, {where}, "
+          f"torch {torch.__version__}\n")
     print("| stage | seconds | peak GiB |")
     print("|---|---:|---:|")
     peaks = memory.as_dict()
     for name, t in times.items():
         peak = (peaks.get(name) or {}).get("allocated_bytes")
         print(f"| {name} | {t:.2f} | {peak / 2**30 if peak else float('nan'):.2f} |")
-    total50 = times["text (2 prompts)"] + 50 * per_step + times["VAE decode (fp32)"]
     print(f"| seconds per denoising step (2 DiT forwards) | {per_step:.3f} | |")
-    print(f"| 50-step run, extrapolated: text + 50 x step + decode | {total50:.1f} | |")
+    if step_times:
+        # the last step ends with the denoise stage: its time is the stage's remainder
+        last = times[f"denoise ({args.steps} steps, CFG)"] - sum(step_times)
+        for i, t in enumerate([*step_times, last]):
+            print(f"| step {i + 1} (expert {'high' if i < args.steps // 2 else 'low'}-noise) | {t:.3f} | |")
+    if switch is not None:
+        print(f"| expert switch (included in its step) | {switch:.3f} | |")
+    if video is not None:
+        total50 = times["text (2 prompts)"] + 50 * per_step + times["VAE decode (fp32)"]
+        print(f"| 50-step run, extrapolated: text + 50 x step + decode | {total50:.1f} | |")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ DIT = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=16, t
            ffn_dim=128, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
            out_channels=16, rope_max_seq_len=1024)
 VARIANTS_2 = {
-    "ulysses2_rr": ["parallel.ulysses_degree=2", "parallel.a2a=round_robin"],
+    "ulysses2_rr_unfused": ["parallel.ulysses_degree=2", "parallel.a2a=round_robin", "parallel.fuse_qkv=false"],
     "cfg2": ["parallel.ulysses_degree=1", "parallel.cfg_degree=2"],
 }
 VARIANTS_3 = {"ulysses3": ["parallel.ulysses_degree=3"]}
