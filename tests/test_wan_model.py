@@ -160,3 +160,35 @@ def test_attention_entry_point_is_replaceable(reference):
     with torch.no_grad():
         model(x, t, ctx)
     assert seen == [(1, 175, cfg.num_heads, cfg.head_dim)]
+
+
+def test_wan21_i2v_clip_branch_matches_diffusers_fp32(tmp_path):
+    """Wan2.1 I2V: 36 input channels and CLIP image tokens through img_emb and the k_img/v_img branch.
+
+    diffusers' attention takes the last 512 context tokens as text and the ones before as image
+    tokens, so the text context here is 512 long (Wan's text_len)."""
+    cfg = tiny_config(model_type="i2v", in_dim=36, image_dim=24)
+    ref = diffusers_model(cfg, seed=3)
+    ref.save_pretrained(tmp_path / "diffusers")
+    model = WanModel.from_pretrained(tmp_path / "diffusers")
+    assert model.config.image_dim == 24 and model.config.model_type == "i2v"
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 36, *LATENT[1:], generator=gen)
+    t = torch.tensor([900.0, 3.0])
+    ctx = torch.randn(2, 512, cfg.text_dim, generator=gen)
+    img = torch.randn(2, 9, 24, generator=gen)
+    with torch.no_grad():
+        expected = ref(x, t, ctx, encoder_hidden_states_image=img, return_dict=False)[0]
+        out = model(x, t, ctx, img)
+        without_image = ref(x, t, ctx, encoder_hidden_states_image=torch.zeros_like(img), return_dict=False)[0]
+    assert (expected - without_image).abs().max() > 0.05  # the image branch matters in this comparison
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    # the official layout (img_emb.proj.*, cross_attn.k_img/v_img/norm_k_img) round-trips, image_dim read off
+    # the weights (the official config.json does not carry it)
+    model.save_pretrained(tmp_path / "official", layout="official")
+    again = WanModel.from_pretrained(tmp_path / "official")
+    assert again.config.image_dim == 24
+    with torch.no_grad():
+        assert torch.equal(again(x, t, ctx, img), out)
+    with pytest.raises(ValueError, match="image_context is missing"):
+        model(x, t, ctx)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
 
 
 @dataclass
@@ -21,8 +22,9 @@ class WanConfig:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     # "t2v", or "i2v": the input is [noise | mask | image latents] (in_dim = 2 * out_dim + 4). Wan2.2's
-    # I2V experts have no image cross-attention; Wan2.1's (img_emb, k_img/v_img) is not built yet.
+    # I2V experts stop there; Wan2.1's also attend to CLIP image tokens (image_dim set).
     model_type: str = "t2v"
+    image_dim: Optional[int] = None  # width of the CLIP image tokens (1280, ViT-H/14); None = no image branch
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys of the source config, kept for saving
 
     def __post_init__(self):
@@ -30,6 +32,9 @@ class WanConfig:
         if self.model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type={self.model_type!r}: only text-to-video ('t2v') and image-to-video "
                              f"('i2v') Wan models are implemented")
+        if self.image_dim is not None and self.model_type != "i2v":
+            raise ValueError(f"image_dim={self.image_dim} (a CLIP image branch) on a {self.model_type!r} model; only "
+                             "Wan2.1 I2V DiTs have one")
         if self.model_type == "i2v" and self.in_dim != 2 * self.out_dim + 4:
             raise ValueError(f"model_type='i2v' with in_dim={self.in_dim}, out_dim={self.out_dim}: an I2V DiT takes "
                              f"noise + 4 mask + image latent channels = {2 * self.out_dim + 4}")
@@ -87,7 +92,8 @@ class WanConfig:
 
     # --- official Wan2.1 config.json -------------------------------------------------------------
     def to_official(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "rope_theta", "text_dim")}
+        # the official config has no image_dim: the loader reads it off the img_emb weights
+        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "rope_theta", "text_dim", "image_dim")}
         d["patch_size"] = list(self.patch_size)
         d["text_dim"] = self.text_dim
         return {"_class_name": "WanModel", **d, **self.extra}
@@ -117,24 +123,28 @@ class WanConfig:
             "cross_attn_norm": self.cross_attn_norm,
             "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
             "eps": self.eps,
-            "image_dim": None,
-            "added_kv_proj_dim": None,
+            "image_dim": self.image_dim,
+            "added_kv_proj_dim": self.dim if self.image_dim is not None else None,
             "rope_max_seq_len": 1024,
             "pos_embed_seq_len": None,
         }
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "WanConfig":
-        if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
-            raise ValueError(f"diffusers config has image_dim={cfg.get('image_dim')}, "
-                             f"added_kv_proj_dim={cfg.get('added_kv_proj_dim')}: an I2V model, which is not "
-                             f"implemented; loading it as T2V would drop its image branch")
+        heads = cfg.get("num_attention_heads", 40)
+        dim = heads * cfg.get("attention_head_dim", 128)
+        image_dim, kv_dim = cfg.get("image_dim"), cfg.get("added_kv_proj_dim")
+        if (image_dim is None) != (kv_dim is None) or kv_dim not in (None, dim):
+            raise ValueError(f"diffusers config has image_dim={image_dim}, added_kv_proj_dim={kv_dim}: Wan2.1 I2V "
+                             f"has both, with added_kv_proj_dim = the model width {dim}; this layout is not Wan's")
+        if cfg.get("pos_embed_seq_len") is not None:
+            raise ValueError(f"diffusers config has pos_embed_seq_len={cfg['pos_embed_seq_len']}: a first-last-frame "
+                             "(FLF2V) model, which is not implemented")
         qk_norm = cfg.get("qk_norm", "rms_norm_across_heads")
         if qk_norm not in (None, "rms_norm_across_heads"):
             raise ValueError(f"qk_norm={qk_norm!r} is not a Wan2.1 layout (expected 'rms_norm_across_heads')")
-        heads = cfg.get("num_attention_heads", 40)
         return cls(
-            dim=heads * cfg.get("attention_head_dim", 128),
+            dim=dim,
             num_heads=heads,
             num_layers=cfg.get("num_layers", 40),
             ffn_dim=cfg.get("ffn_dim", 13824),
@@ -148,6 +158,7 @@ class WanConfig:
             # diffusers stores no model type; an I2V DiT is the one that takes more channels than it returns
             model_type="i2v" if cfg.get("in_channels", 16) > (cfg.get("out_channels") or cfg.get("in_channels", 16))
             else "t2v",
+            image_dim=image_dim,
             # diffusers builds q/k norms whatever qk_norm says, so its checkpoints always carry them
             qk_norm=True,
         )

@@ -79,6 +79,19 @@ class PatchEmbed(nn.Module):
         return F.linear(x, self.weight.flatten(1), self.bias)
 
 
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens [B, L, image_dim] -> [B, L, dim] (official `img_emb.proj`: LN, Linear, GELU,
+    Linear, LN; indices 0, 1, 3, 4 hold weights)."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, image_dim), nn.GELU(),
+                                  nn.Linear(image_dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
 class RotaryEmbedding(nn.Module):
     """3-D RoPE tables for a (frames, height, width) token grid, in token order, as [S, 1, D] fp32."""
 
@@ -124,7 +137,10 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool):
+    """Attention to the text tokens; with `image_context`, a second key/value branch (`kv_img`,
+    Wan2.1 I2V) attends to the embedded CLIP tokens with the same queries, and the two results add."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool, image_branch: bool = False):
         super().__init__()
         self.dim, self.num_heads = dim, num_heads
         self.q = nn.Linear(dim, dim)
@@ -132,16 +148,25 @@ class CrossAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        if image_branch:
+            self.kv_img = nn.Linear(dim, 2 * dim)
+            self.norm_k_img = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.attn_fn = default_attn_fn()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
+    def _heads(self, kv: torch.Tensor, norm_k: nn.Module):
+        b, n, _ = kv.shape
+        k, v = kv.split(self.dim, dim=-1)
         hd = self.dim // self.num_heads
-        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, hd)
-        k, v = self.kv(context).split(self.dim, dim=-1)
-        k = self.norm_k(k).view(b, context.shape[1], self.num_heads, hd)
-        v = v.view(b, context.shape[1], self.num_heads, hd)
-        return self.o(self.attn_fn(q, k, v).flatten(2))
+        return norm_k(k).view(b, n, self.num_heads, hd), v.view(b, n, self.num_heads, hd)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, self.dim // self.num_heads)
+        out = self.attn_fn(q, *self._heads(self.kv(context), self.norm_k))
+        if image_context is not None:
+            out = out + self.attn_fn(q, *self._heads(self.kv_img(image_context), self.norm_k_img))
+        return self.o(out.flatten(2))
 
 
 class WanBlock(nn.Module):
@@ -151,18 +176,19 @@ class WanBlock(nn.Module):
         self.eps = eps
         self.self_attn = SelfAttention(dim, config.num_heads, eps, config.qk_norm)
         self.norm3 = nn.LayerNorm(dim, eps=eps) if config.cross_attn_norm else nn.Identity()
-        self.cross_attn = CrossAttention(dim, config.num_heads, eps, config.qk_norm)
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps, config.qk_norm, config.image_dim is not None)
         self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e0, context, rope):
-        """x [B, S, dim]; e0 fp32 [B, 6, dim] (time projection); context [B, L, dim]; rope for S tokens."""
+    def forward(self, x, e0, context, rope, image_context=None):
+        """x [B, S, dim]; e0 fp32 [B, 6, dim] (time projection); context [B, L, dim]; rope for S tokens;
+        image_context [B, L_img, dim] (embedded CLIP tokens) for Wan2.1 I2V, else None."""
         shift, scale, gate, c_shift, c_scale, c_gate = modulation(self.modulation, e0, (1, 4), x.dtype)
         shape = x.shape[-1:]
         y = self.self_attn(torch.addcmul(shift, F.layer_norm(x, shape, eps=self.eps), scale), rope)
         x = torch.addcmul(x, y, gate)
-        x = x + self.cross_attn(self.norm3(x), context)
+        x = x + self.cross_attn(self.norm3(x), context, image_context)
         y = self.ffn(torch.addcmul(c_shift, F.layer_norm(x, shape, eps=self.eps), c_scale))
         return torch.addcmul(x, y, c_gate)
 
@@ -192,6 +218,8 @@ class WanModel(nn.Module):
                                             nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if config.image_dim is not None:  # Wan2.1 I2V: CLIP tokens -> LayerNorm, MLP (exact GELU), LayerNorm
+            self.img_emb = ImageEmbedding(config.image_dim, dim)
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
 
@@ -216,8 +244,13 @@ class WanModel(nn.Module):
             block.self_attn.attn_fn = default_attn_fn(backend)
             block.cross_attn.attn_fn = default_attn_fn(backend)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
+        """`image_context` [B, L_img, image_dim]: the CLIP image tokens, for (and only for) Wan2.1 I2V."""
         cfg = self.config
+        if (image_context is None) != (cfg.image_dim is None):
+            raise ValueError(f"image_context is {'missing' if image_context is None else 'given'}, but this DiT "
+                             f"{'has' if cfg.image_dim else 'has no'} a CLIP image branch (image_dim={cfg.image_dim})")
         if x.ndim != 5 or x.shape[1] != cfg.in_dim:
             raise ValueError(f"latents must be [B, {cfg.in_dim}, F, H, W], got {tuple(x.shape)}")
         if any(n % p for n, p in zip(x.shape[2:], cfg.patch_size)):
@@ -231,8 +264,10 @@ class WanModel(nn.Module):
         temb = self.time_embedding(sinusoidal_embedding(timestep.reshape(-1), cfg.freq_dim).to(time_dtype)).float()
         e0 = self.time_projection(temb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # [B, 6, dim]
         context = self.text_embedding(context.to(dtype))
+        if image_context is not None:
+            image_context = self.img_emb(image_context.to(dtype))
         for block in self.blocks:
-            tokens = block(tokens, e0, context, rope)
+            tokens = block(tokens, e0, context, rope, image_context)
         return self.unpatchify(self.head(tokens, temb), grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
