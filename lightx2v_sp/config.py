@@ -80,6 +80,12 @@ class TextEncoderConfig:
 
 
 @dataclass
+class ImageEncoderConfig:
+    device: str = _f("gpu", "Wan2.1 I2V's CLIP image encoder (rank 0 encodes, broadcasts): gpu, cpu (runs there) "
+                            "or swap (GPU only for its stage)", ["gpu", "cpu", "swap"])
+
+
+@dataclass
 class OffloadConfig:
     dit: str = _f("none", "DiT weights: resident, per-block from pinned CPU memory with prefetch, or swap (pinned "
                           "CPU memory, on the GPU only while it denoises: the idle expert of a two-expert model "
@@ -111,6 +117,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "sequence / CFG parallelism"})
     attention: AttentionConfig = field(default_factory=AttentionConfig, metadata={"doc": "local attention kernel"})
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, metadata={"doc": "UMT5 placement"})
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig,
+                                              metadata={"doc": "CLIP image encoder placement (Wan2.1 I2V)"})
     offload: OffloadConfig = field(default_factory=OffloadConfig, metadata={"doc": "CPU offload"})
     comm: CommConfig = field(default_factory=CommConfig, metadata={"doc": "communication settings"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"doc": "where results go"})

@@ -38,12 +38,13 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device):
 
 @torch.no_grad()
 def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
-            condition: torch.Tensor | None = None) -> torch.Tensor:
+            condition: torch.Tensor | None = None, image_context: torch.Tensor | None = None) -> torch.Tensor:
     """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32).
 
     `model` is one DiT or the `Experts` of a two-expert model (which one runs, and its guidance
     scale, depends on the timestep). `condition` [B, 4 + z, F, H, W] (I2V: mask + image latents)
-    is concatenated after the latents on the channel axis at every step.
+    is concatenated after the latents on the channel axis at every step; `image_context`
+    [B, L, width] (Wan2.1 I2V: CLIP tokens) goes to the DiT's image branch, the same for both passes.
     """
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift)
@@ -53,7 +54,8 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
         dit, scale = experts.select(t)
         timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
         x = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=1)
-        velocity = guided_prediction(lambda context: dit(x, timestep, context),
+        extra = () if image_context is None else (image_context,)
+        velocity = guided_prediction(lambda context: dit(x, timestep, context, *extra),
                                      contexts.cond, contexts.uncond, scale, dims)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
     return latents.float()

@@ -24,11 +24,14 @@ OFFICIAL_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}
 
 @dataclass
 class ModelKind:
-    name: str                         # "wan2.1-t2v" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan-i2v"
+    name: str                         # "wan2.1-t2v" | "wan2.1-i2v" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b"
     image_input: bool                 # the DiT is conditioned on an encoded first frame
     experts: tuple[str, ...]          # DiT directories: (high-noise, low-noise) or (the only one,)
     boundary_ratio: Optional[float]   # from the checkpoint; None for one-DiT models
     boundary_source: str              # where boundary_ratio came from (for the summary)
+    image_encoder: Optional[str] = None    # Wan2.1 I2V: CLIP vision tower directory
+    image_processor: Optional[str] = None  # ... and its image processor
+    image_dim: Optional[int] = None        # width of the CLIP tokens the DiT takes
 
     @property
     def two_experts(self) -> bool:
@@ -74,10 +77,33 @@ def detect_kind(paths: ModelPaths) -> ModelKind:
             boundary, source = index.get("boundary_ratio"), "model_index.json"
         else:
             boundary, source = OFFICIAL_BOUNDARY[model_type], f"Wan2.2 release default for {model_type}"
-    name = {("t2v", 1): "wan2.1-t2v", ("t2v", 2): "wan2.2-t2v-a14b", ("i2v", 1): "wan-i2v",
+    name = {("t2v", 1): "wan2.1-t2v", ("t2v", 2): "wan2.2-t2v-a14b", ("i2v", 1): "wan2.1-i2v",
             ("i2v", 2): "wan2.2-i2v-a14b"}[model_type, len(experts)]
-    return ModelKind(name=name, image_input=model_type == "i2v", experts=experts, boundary_ratio=boundary,
+    kind = ModelKind(name=name, image_input=model_type == "i2v", experts=experts, boundary_ratio=boundary,
                      boundary_source=source)
+    if name == "wan2.1-i2v":
+        _find_clip(kind, paths, index)
+    return kind
+
+
+def _find_clip(kind: ModelKind, paths: ModelPaths, index: dict) -> None:
+    """Wan2.1 I2V's CLIP encoder: image_encoder/ + image_processor/ of the -Diffusers layout."""
+    if paths.dit_layout == "official":
+        raise ValueError(f"{paths.root} is an official-layout Wan2.1 I2V model: its CLIP encoder is an open_clip "
+                         "checkpoint (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), which is not "
+                         "supported; use the -Diffusers layout of the model (image_encoder/ + image_processor/)")
+    kind.image_dim = _json(os.path.join(paths.dit, "config.json")).get("image_dim")
+    if kind.image_dim is None:
+        return  # an I2V DiT without the CLIP branch: the image enters through the latents only
+    entry = index.get("image_encoder")
+    if not entry or entry[0] is None:
+        raise ValueError(f"the DiT at {paths.dit} attends to CLIP image tokens (image_dim={kind.image_dim}), but "
+                         f"{paths.root}/model_index.json names no image_encoder")
+    kind.image_encoder = os.path.join(paths.root, "image_encoder")
+    kind.image_processor = os.path.join(paths.root, "image_processor")
+    from .clip import check_clip
+
+    check_clip(kind.image_encoder, kind.image_processor, kind.image_dim)
 
 
 def boundary_ratio(kind: ModelKind, sample_cfg) -> Optional[float]:

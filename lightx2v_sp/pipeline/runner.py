@@ -26,6 +26,7 @@ from lightx2v_sp.offload import ComponentPlacement, StageMemory
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
 from .denoise import denoise
 from .experts import install_experts, load_experts
+from .clip import encode_clip
 from .image import encode_image_condition, open_image
 from .kind import boundary_ratio, check_inputs, detect_kind
 from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
@@ -140,19 +141,21 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     s = cfg.sample
     shape = latent_shape(experts.config.out_dim, s.num_frames, s.height, s.width)
-    condition = None
+    condition = image_context = None
     if kind.image_input:
         with stages("image"):
             condition = encode_image_condition(cfg, vae, (experts.config.condition_dim, *shape[1:]), device,
                                                world, rank)
+            if kind.image_encoder is not None:
+                image_context = encode_clip(cfg, kind.image_encoder, kind.image_processor, device, dtype, world, rank)
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
         latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
-                          condition=condition)
+                          condition=condition, image_context=image_context)
     experts.release()
     prompt_tokens = contexts.num_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
-    del models, experts, contexts, condition
+    del models, experts, contexts, condition, image_context
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

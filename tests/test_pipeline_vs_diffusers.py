@@ -1,11 +1,12 @@
-"""Wan2.2 A14B end to end against diffusers' own pipelines (tiny random weights, fp32, CPU).
+"""The Wan family end to end against diffusers' own pipelines (tiny random weights, fp32, CPU).
 
-diffusers builds and saves the checkpoints: a two-expert `WanPipeline` (T2V) and a two-expert
-`WanImageToVideoPipeline` without an image encoder (Wan2.2 I2V). Our runner generates from the saved
-directories; diffusers' `__call__` generates from the same directories with the latents our seed
-draws. Compared: the decoded videos in [0, 1], on 1 process and on 2 and 3 gloo ranks (Ulysses with
-uneven token slices, round-robin, CFG-parallel), and the same weights rewritten in the official
-Wan2.2 layout (high_noise_model/ + low_noise_model/).
+diffusers builds and saves the checkpoints: a two-expert `WanPipeline` (Wan2.2 T2V-A14B), a
+two-expert `WanImageToVideoPipeline` without an image encoder (Wan2.2 I2V-A14B), and a one-DiT
+`WanImageToVideoPipeline` with a CLIP vision tower and the DiT's image branch (Wan2.1 I2V). Our runner
+generates from the saved directories; diffusers' `__call__` generates from the same directories with
+the latents our seed draws. Compared: the decoded videos in [0, 1], on 1 process and on 2 and 3 gloo
+ranks (Ulysses with uneven token slices, round-robin, CFG-parallel; all kinds in one spawn per rank
+count), and the two-expert weights rewritten in the official Wan2.2 layout.
 """
 import os
 import shutil
@@ -29,10 +30,17 @@ PROMPT, NEGATIVE = "a small cat walks on the grass", "blurry low quality"
 # give the high-noise expert one step and the low-noise expert two, with different guidance scales.
 SIZE = dict(height=48, width=80, num_frames=9)
 STEPS, SHIFT, SEED, TEXT_LEN = 3, 3.0, 7, 32
+# Wan2.1 I2V: diffusers' attention takes the last 512 context tokens as text and the ones before as
+# image tokens, so that kind runs with Wan's text_len of 512.
 KINDS = {
-    "t2v": dict(config="wan22_t2v_tiny.yaml", boundary=0.875, in_dim=16, guidance=(4.0, 2.5)),
-    "i2v": dict(config="wan22_i2v_tiny.yaml", boundary=0.9, in_dim=36, guidance=(3.5, 2.0)),
+    "t2v": dict(config="wan22_t2v_tiny.yaml", boundary=0.875, in_dim=16, guidance=(4.0, 2.5), text_len=TEXT_LEN),
+    "i2v": dict(config="wan22_i2v_tiny.yaml", boundary=0.9, in_dim=36, guidance=(3.5, 2.0), text_len=TEXT_LEN),
+    "i2v_clip": dict(config="wan22_i2v_tiny.yaml", boundary=None, in_dim=36, guidance=(4.0, None), text_len=512),
 }
+KIND_NAMES = {"t2v": "wan2.2-t2v-a14b", "i2v": "wan2.2-i2v-a14b", "i2v_clip": "wan2.1-i2v"}
+TWO_EXPERTS = [k for k in KINDS if KINDS[k]["boundary"] is not None]
+CLIP = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+            patch_size=8)  # 16 patches + the class token = 17 image tokens of width 24
 # 6 heads (Ulysses 2 and 3), 2 layers; the two experts get different random weights.
 DIT = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=16, text_dim=64, freq_dim=32,
            ffn_dim=128, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
@@ -72,20 +80,35 @@ def _scheduler():
                                    final_sigmas_type="zero")
 
 
+def _clip():
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(3)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModel(CLIPVisionConfig(**CLIP)).eval(), processor
+
+
 def build_pipeline(kind: str, path):
-    """A tiny two-expert diffusers pipeline of `kind`, saved by diffusers to `path`."""
+    """A tiny diffusers pipeline of `kind`, saved by diffusers to `path`."""
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 
     spec = KINDS[kind]
     tokenizer, encoder = _tokenizer_and_encoder(path)
     torch.manual_seed(2)
     vae = AutoencoderKLWan(**tiny.TINY_VAE).eval()
-    experts = [randomize_(WanTransformer3DModel(**DIT, in_channels=spec["in_dim"]), seed=10 + i).eval()
-               for i in range(2)]
-    parts = dict(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=_scheduler(), transformer=experts[0],
-                 transformer_2=experts[1], boundary_ratio=spec["boundary"])
-    pipe = WanPipeline(**parts) if kind == "t2v" else WanImageToVideoPipeline(**parts, image_encoder=None,
-                                                                              image_processor=None)
+    parts = dict(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=_scheduler())
+    if kind == "i2v_clip":
+        clip, processor = _clip()
+        inner = DIT["num_attention_heads"] * DIT["attention_head_dim"]
+        dit = WanTransformer3DModel(**DIT, in_channels=36, image_dim=CLIP["hidden_size"], added_kv_proj_dim=inner)
+        pipe = WanImageToVideoPipeline(**parts, image_processor=processor, image_encoder=clip,
+                                       transformer=randomize_(dit, seed=12).eval())
+    else:
+        experts = [randomize_(WanTransformer3DModel(**DIT, in_channels=spec["in_dim"]), seed=10 + i).eval()
+                   for i in range(2)]
+        parts.update(transformer=experts[0], transformer_2=experts[1], boundary_ratio=spec["boundary"])
+        pipe = WanPipeline(**parts) if kind == "t2v" else WanImageToVideoPipeline(**parts, image_encoder=None,
+                                                                                  image_processor=None)
     pipe.save_pretrained(str(path / "pipe"))
     shutil.rmtree(path / "tok")
     return pipe
@@ -106,19 +129,20 @@ def diffusers_video(kind: str, pipe) -> torch.Tensor:
     extra = {} if kind == "t2v" else {"image": Image.open(IMAGE).convert("RGB")}
     out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, **SIZE, num_inference_steps=STEPS,
                guidance_scale=spec["guidance"][0], guidance_scale_2=spec["guidance"][1], latents=latents,
-               output_type="pt", max_sequence_length=TEXT_LEN, **extra).frames  # [1, F, 3, H, W]
+               output_type="pt", max_sequence_length=spec["text_len"], **extra).frames  # [1, F, 3, H, W]
     return out[0].permute(1, 0, 2, 3).float()
 
 
 def our_config(kind: str, path: str, out: str, extra=()):
     spec = KINDS[kind]
-    image = [f"image={IMAGE}", "sample.image_resize=stretch"] if kind == "i2v" else []
+    image = [f"image={IMAGE}", "sample.image_resize=stretch"] if kind != "t2v" else []
+    scale_2 = "null" if spec["guidance"][1] is None else spec["guidance"][1]
     return load_config(os.path.join(ROOT, "configs", spec["config"]), [
         f"model.path={path}", "model.dtype=fp32", f"prompt={PROMPT}", f"negative_prompt={NEGATIVE}",
         f"seed={SEED}", f"sample.steps={STEPS}", f"sample.shift={SHIFT}", f"sample.height={SIZE['height']}",
         f"sample.width={SIZE['width']}", f"sample.num_frames={SIZE['num_frames']}",
-        f"sample.guidance_scale={spec['guidance'][0]}", f"sample.guidance_scale_2={spec['guidance'][1]}",
-        "sample.boundary_ratio=null", f"text_encoder.text_len={TEXT_LEN}", f"output.path={out}", "device=cpu",
+        f"sample.guidance_scale={spec['guidance'][0]}", f"sample.guidance_scale_2={scale_2}",
+        "sample.boundary_ratio=null", f"text_encoder.text_len={spec['text_len']}", f"output.path={out}", "device=cpu",
         *image, *extra])
 
 
@@ -171,26 +195,40 @@ def test_single_process_matches_diffusers(setup, kind):
     # not a degenerate video that any output would match: varied and mostly unclipped
     assert reference[kind].std() > 0.05 and ((reference[kind] > 0.01) & (reference[kind] < 0.99)).float().mean() > 0.5
     _close(video, reference[kind], f"{kind}, 1 process")
-    assert summary["experts"] == {"kind": f"wan2.2-{kind}-a14b", "boundary_source": "model_index.json",
-                                  "num_experts": 2, "guidance_scales": list(KINDS[kind]["guidance"]),
-                                  "boundary_timestep": KINDS[kind]["boundary"] * 1000, "switches": 1}
+    if kind in TWO_EXPERTS:
+        assert summary["experts"] == {"kind": KIND_NAMES[kind], "boundary_source": "model_index.json",
+                                      "num_experts": 2, "guidance_scales": list(KINDS[kind]["guidance"]),
+                                      "boundary_timestep": KINDS[kind]["boundary"] * 1000, "switches": 1}
+    else:
+        assert summary["experts"]["kind"] == KIND_NAMES[kind] and summary["experts"]["num_experts"] == 1
+    assert ("image" in summary["stage_times_s"]) == (kind != "t2v")
 
 
 def test_experts_and_image_matter(setup):
     """Guard against a comparison that cannot fail: the low-noise expert, its guidance scale and the
     image each change the video by far more than the tolerance. Observed max |change|: 0.78 (no
     low-noise expert), 0.085 (its guidance 2.5 -> 4), 0.006 (the image cropped instead of stretched:
-    random weights give the image a small but clear say); parity differences are ~1.5e-6."""
+    random weights give the latent image a small but clear say), 0.41 (Wan2.1 I2V: the CLIP tokens
+    zeroed; mean 0.044); parity differences are ~1.7e-6."""
+    from lightx2v_sp.pipeline import runner
+
     base, dirs, reference, _ = setup
     for kind, extra in [("t2v", ["sample.boundary_ratio=0.0"]), ("t2v", ["sample.guidance_scale_2=4.0"]),
                         ("i2v", ["sample.image_resize=crop"])]:
         video, _ = our_video(kind, dirs[kind], str(base / "changed.mp4"), extra)
         assert (video - reference[kind]).abs().max() > 10 * MAX_TOL, (kind, extra)
+    real = runner.encode_clip
+    runner.encode_clip = lambda *a, **k: torch.zeros_like(real(*a, **k))
+    try:
+        video, _ = our_video("i2v_clip", dirs["i2v_clip"], str(base / "changed.mp4"), ["image_encoder.device=cpu"])
+    finally:
+        runner.encode_clip = real
+    assert (video - reference["i2v_clip"]).abs().mean() > 10 * MEAN_TOL
 
 
 def test_official_layout_matches(setup, tmp_path):
     _, dirs, reference, _ = setup
-    for kind in KINDS:
+    for kind in TWO_EXPERTS:
         path = official_copy(dirs[kind], tmp_path / kind)
         video, summary = our_video(kind, path, str(tmp_path / f"{kind}.mp4"))
         # the official files carry no boundary: the Wan2.2 release's (0.875 T2V, 0.9 I2V) = the ones saved above
