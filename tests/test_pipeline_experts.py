@@ -31,7 +31,7 @@ T2V = os.path.join(ROOT, "configs", "wan22_t2v_tiny.yaml")
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cache"))
-    for variant in ("wan2.1-t2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"):
+    for variant in ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"):
         tiny.ensure_tiny_model(path, variant)
     return path
 
@@ -89,6 +89,9 @@ def test_detect_kind_official_and_diffusers(cache, tmp_path):
     assert (i2v.name, i2v.image_input, i2v.boundary_ratio) == ("wan2.2-i2v-a14b", True, 0.9)
     one = detect_kind(resolve_model_paths(tiny.tiny_model_dir(cache)))
     assert (one.name, one.experts, one.boundary_ratio) == ("wan2.1-t2v", (tiny.tiny_model_dir(cache),), None)
+    clip = detect_kind(resolve_model_paths(tiny.tiny_model_dir(cache, "wan2.1-i2v")))
+    assert (clip.name, clip.image_input, clip.image_dim) == ("wan2.1-i2v", True, tiny.TINY_CLIP["hidden_size"])
+    assert os.path.basename(clip.image_encoder) == "image_encoder"
 
     # a diffusers pipeline directory that names transformer_2 but lacks it
     src = tiny.tiny_model_dir(cache, "wan2.2-t2v-a14b")
@@ -115,9 +118,10 @@ def test_detect_kind_official_and_diffusers(cache, tmp_path):
 @pytest.mark.parametrize("config,extra,message", [
     (I2V, ["image=/no/such/frame.png"], "image=/no/such/frame.png does not exist"),
     (I2V, ["image=null"], "is image-to-video .* needs image=path"),
+    (os.path.join(ROOT, "configs", "wan21_i2v_tiny.yaml"), ["image=/no/such/frame.png"], "does not exist"),
     (T2V, [f"image={os.path.join(ROOT, 'assets', 'images', 'tiny_first_frame.png')}"], "is text-to-video"),
     (os.path.join(ROOT, "configs", "wan_t2v_tiny.yaml"), ["sample.guidance_scale_2=3.0"], "has one DiT"),
-], ids=["missing", "none-for-i2v", "image-for-t2v", "expert-setting-for-one-dit"])
+], ids=["missing", "none-for-i2v", "missing-clip-i2v", "image-for-t2v", "expert-setting-for-one-dit"])
 def test_input_errors_stop_in_preflight(cache, tmp_path, config, extra, message):
     with pytest.raises(AgreedError, match=message):
         run(_cfg(config, cache, tmp_path, *extra), torch.device("cpu"), progress=False)
@@ -162,3 +166,15 @@ def test_offloaded_experts_switch_bit_identically(cache, tmp_path, offload):
             assert all(h.active and h.num_copies > 0 for h in experts.block_offloads)
         experts.release()
     assert torch.equal(out["none"], out[offload])
+
+
+def test_official_wan21_i2v_is_refused_with_the_way_out(cache, tmp_path):
+    """Official Wan2.1 I2V keeps CLIP as an open_clip .pth, which we do not read: a clear error."""
+    from lightx2v_sp.models.wan import WanModel
+
+    src = tiny.tiny_model_dir(cache, "wan2.1-i2v")
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        os.symlink(os.path.join(src, sub), tmp_path / sub)
+    WanModel.from_pretrained(os.path.join(src, "transformer")).save_pretrained(tmp_path, layout="official")
+    with pytest.raises(ValueError, match="open_clip checkpoint .* use the -Diffusers layout"):
+        detect_kind(resolve_model_paths(str(tmp_path)))

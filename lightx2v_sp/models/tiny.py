@@ -17,6 +17,9 @@ tokenizer and VAE (same seeds) and their own DiT files:
     <cache>/tiny-wan2.2-t2v-a14b-<TINY_VERSION>/   high_noise_model/ + low_noise_model/ (official
                                                   Wan2.2 A14B layout), two differently seeded experts
     <cache>/tiny-wan2.2-i2v-a14b-<TINY_VERSION>/   the same with I2V experts (in_dim 36, model_type i2v)
+    <cache>/tiny-wan2.1-i2v-<TINY_VERSION>/        Wan2.1 I2V in the -Diffusers layout: transformer/
+                                                  (image branch), image_encoder/ (CLIP vision tower),
+                                                  image_processor/, model_index.json
 
 `<cache>` is $LIGHTX2V_SP_CACHE, else ~/.cache/lightx2v_sp. The build goes to a temporary sibling
 directory renamed into place, under an exclusive file lock, so concurrent ranks (or jobs) neither
@@ -50,7 +53,11 @@ VARIANTS = {
     "wan2.2-t2v-a14b": {"high_noise_model": TINY_WAN, "low_noise_model": TINY_WAN},
     "wan2.2-i2v-a14b": {name: dict(TINY_WAN, in_dim=36, model_type="i2v")
                         for name in ("high_noise_model", "low_noise_model")},
+    "wan2.1-i2v": {"transformer": dict(TINY_WAN, in_dim=36, model_type="i2v", image_dim=32)},
 }
+# CLIP vision tower of the tiny Wan2.1 I2V: 32 px / patch 8 = 16 patches + class token = 17 tokens of 32
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                 patch_size=8)
 
 _WORDS = ("a an the cat cats dog tiny small big walks runs on in of and with grass field sky city "
           "street realistic style video blurry low quality bad worst best red green blue").split()
@@ -131,7 +138,10 @@ def write_tiny_model(path: str, variant: str = "wan2.1-t2v") -> None:
             _write_dit(path)
         for i, (sub, shape) in enumerate((experts or {}).items()):
             torch.manual_seed(SEED + 10 + i)  # each expert its own weights: a wrong switch shows
-            _write_dit(os.path.join(path, sub), shape)
+            _write_dit(os.path.join(path, sub), shape, "diffusers" if sub == "transformer" else "official")
+        if variant == "wan2.1-i2v":
+            torch.manual_seed(SEED + 3)
+            _write_clip(path)
         torch.manual_seed(SEED + 1)
         _write_text_encoder(os.path.join(path, "text_encoder"))
         torch.manual_seed(SEED + 2)
@@ -144,11 +154,29 @@ def write_tiny_model(path: str, variant: str = "wan2.1-t2v") -> None:
                    "note": "random weights: the videos it makes are noise"}, f, indent=2)
 
 
-def _write_dit(path: str, shape: dict = TINY_WAN) -> None:
+def _write_dit(path: str, shape: dict = TINY_WAN, layout: str = "official") -> None:
     from lightx2v_sp.models.wan import WanConfig, WanModel
 
     model = WanModel(WanConfig(**shape))
-    model.save_pretrained(path, layout="official")
+    model.save_pretrained(path, layout=layout)
+
+
+def _write_clip(path: str) -> None:
+    """CLIP vision tower + processor and the model_index.json that names them (diffusers layout)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).eval().save_pretrained(os.path.join(path, "image_encoder"))
+    size = TINY_CLIP["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        os.path.join(path, "image_processor"))
+    index = {"_class_name": "WanImageToVideoPipeline", "boundary_ratio": None, "expand_timesteps": False,
+             "image_encoder": ["transformers", "CLIPVisionModel"],
+             "image_processor": ["transformers", "CLIPImageProcessor"],
+             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "AutoTokenizer"],
+             "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def _write_text_encoder(path: str) -> None:
