@@ -4,6 +4,7 @@ python scripts/bench_e2e.py --config 1.3b --steps 10        (GPU: Wan2.1-1.3B at
 python scripts/bench_e2e.py --config tiny --device cpu      (smoke test)
 python scripts/bench_e2e.py --config a14b --experts 2 --offload block --steps 2 --no-decode
                                             (Wan2.2-T2V-A14B at 720p on one GPU: two experts, block offload)
+python scripts/bench_e2e.py --config i2v-14b --steps 5    (Wan2.1-I2V-14B at 480p: VAE encode + CLIP ViT-H, DiT)
 
 With --experts 2 the DiT is two experts of the config's shape (Wan2.2 A14B: the high-noise one,
 then the low-noise one); the boundary is put between the two middle steps, so half the measured
@@ -33,12 +34,14 @@ from lightx2v_sp.models.wan import WanConfig, WanModel  # noqa: E402
 from lightx2v_sp.offload import StageMemory  # noqa: E402
 from lightx2v_sp.pipeline.denoise import denoise  # noqa: E402
 from lightx2v_sp.pipeline.experts import install_experts  # noqa: E402
+from lightx2v_sp.pipeline.image import image_condition  # noqa: E402
 from lightx2v_sp.pipeline.scheduler import make_scheduler  # noqa: E402
 from lightx2v_sp.pipeline.latents import initial_latents, latent_shape  # noqa: E402
 from lightx2v_sp.pipeline.text import TextContexts  # noqa: E402
 
 SIZES = {"1.3b": dict(height=480, width=832, frames=81), "14b": dict(height=720, width=1280, frames=81),
-         "a14b": dict(height=720, width=1280, frames=81), "tiny": dict(height=64, width=64, frames=9)}
+         "a14b": dict(height=720, width=1280, frames=81), "i2v-14b": dict(height=480, width=832, frames=81),
+         "tiny": dict(height=64, width=64, frames=9), "tiny-i2v": dict(height=64, width=64, frames=9)}
 
 
 def on_device(make, device, dtype):
@@ -66,8 +69,9 @@ def main() -> None:
         p.error("--experts 2 needs --steps >= 2 (one step per expert at least)")
     device, dtype = torch.device(args.device), torch.bfloat16 if args.device == "cuda" else torch.float32
     size = SIZES[args.config]
-    tiny = args.config == "tiny"
-    wan_cfg = WanConfig.named("t2v-a14b" if args.config == "a14b" else args.config)
+    tiny = args.config.startswith("tiny")
+    wan_cfg = (WanConfig.tiny(in_dim=36, model_type="i2v", image_dim=32) if args.config == "tiny-i2v"
+               else WanConfig.named("t2v-a14b" if args.config == "a14b" else args.config))
     t5_cfg = (T5Config(vocab_size=256, d_model=wan_cfg.text_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=4)
               if tiny else T5Config.umt5_xxl())
     cfg = load_config(None, [f"sample.steps={args.steps}", f"sample.height={size['height']}",
@@ -96,8 +100,18 @@ def main() -> None:
         del encoder
         # text_dim of umt5-xxl is 4096 = the DiT's text_dim
         contexts = TextContexts(cond=context[:1].to(dtype), uncond=context[1:2].to(dtype), num_tokens=[0, 0])
-        shape = latent_shape(wan_cfg.in_dim, size["frames"], size["height"], size["width"])
+        shape = latent_shape(wan_cfg.out_dim, size["frames"], size["height"], size["width"])
         latents = initial_latents(0, shape, device)
+        image = {}
+        if wan_cfg.model_type == "i2v":
+            vae_encoder, clip, pixels = build_image_encoders(wan_cfg, size, device, dtype, tiny)
+            image["condition"] = stage("image: VAE encode (fp32)", lambda: image_condition(
+                vae_encoder, pixels, size["frames"], device).to(device))
+            if clip is not None:
+                clip_in = torch.randn(1, 3, clip.config.image_size, clip.config.image_size, device=device, dtype=dtype)
+                image["image_context"] = stage("image: CLIP", lambda: clip(
+                    pixel_values=clip_in, output_hidden_states=True).hidden_states[-2])
+            del vae_encoder, clip
         dims = ParallelDims()
         timer: dict = {"steps": [], "switch": None, "last": None}
         if args.experts == 1 and args.offload == "none":
@@ -105,9 +119,10 @@ def main() -> None:
         else:
             model, timer = build_experts(args, wan_cfg, cfg, dims, device, dtype)
         warm = load_config(None, ["sample.steps=1", f"offload.dit={args.offload}"])
-        stage("denoise warm-up (1 step)", lambda: denoise(model, latents, contexts, warm, dims, False))
+        stage("denoise warm-up (1 step)", lambda: denoise(model, latents, contexts, warm, dims, False, **image))
         timer.update(steps=[], switch=None, last=None)
-        out = stage(f"denoise ({args.steps} steps, CFG)", lambda: denoise(model, latents, contexts, cfg, dims, False))
+        out = stage(f"denoise ({args.steps} steps, CFG)", lambda: denoise(model, latents, contexts, cfg, dims, False,
+                                                                          **image))
         if args.experts == 2 or args.offload != "none":
             model.release()
         del model
@@ -119,6 +134,24 @@ def main() -> None:
         vae = WanVAE(vae_model.eval())
         video = stage("VAE decode (fp32)", lambda: vae.decode(out, device=device))
     report(args, size, shape, video, times, memory, device, timer)
+
+
+def build_image_encoders(wan_cfg, size, device, dtype, tiny):
+    """Random Wan VAE (fp32), random CLIP ViT-H/14 vision tower (Wan2.1 I2V only) and a random image."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    vae = WanVAE(on_device(lambda: AutoencoderKLWan(**({"base_dim": 16, "z_dim": 16, "num_res_blocks": 1}
+                                                       if tiny else {})), device, torch.float32).eval())
+    clip = None
+    if wan_cfg.image_dim is not None:
+        vit_h = (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                      patch_size=8) if tiny else
+                 dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                      image_size=224, patch_size=14, hidden_act="gelu"))
+        clip = on_device(lambda: CLIPVisionModel(CLIPVisionConfig(**vit_h)), device, dtype).eval()
+    pixels = torch.rand(1, 3, size["height"], size["width"], device=device) * 2 - 1
+    return vae, clip, pixels
 
 
 def build_experts(args, wan_cfg, cfg, dims, device, dtype):
