@@ -45,6 +45,13 @@ def diffusers_model(cfg: WanConfig, seed: int = 0):
     return randomize_(WanTransformer3DModel(**kwargs), seed).eval()
 
 
+def token_timesteps(t: torch.Tensor, grid=(5, 5, 7)) -> torch.Tensor:
+    """[B] -> [B, S] per-token timesteps as Wan2.2 TI2V uses them: 0 on the first latent frame, t after."""
+    ts = t[:, None, None, None].expand(-1, *grid).clone()
+    ts[:, 0] = 0
+    return ts.flatten(1)
+
+
 def make_inputs(cfg: WanConfig, batch: int = 1, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *LATENT, generator=gen)
@@ -192,3 +199,25 @@ def test_wan21_i2v_clip_branch_matches_diffusers_fp32(tmp_path):
         assert torch.equal(again(x, t, ctx, img), out)
     with pytest.raises(ValueError, match="image_context is missing"):
         model(x, t, ctx)
+
+
+def test_wan22_ti2v_per_token_timesteps_match_diffusers_fp32(tmp_path):
+    """Wan2.2 TI2V-5B's DiT: 48 latent channels in and out, one timestep per token (expand_timesteps)."""
+    cfg = tiny_config(in_dim=48, out_dim=48)
+    ref = diffusers_model(cfg, seed=6)
+    ref.save_pretrained(tmp_path)
+    model = WanModel.from_pretrained(tmp_path)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 48, *LATENT[1:], generator=gen)
+    t = token_timesteps(torch.tensor([900.0, 125.5]))
+    ctx = torch.randn(2, TEXT_LEN, cfg.text_dim, generator=gen)
+    expected = diffusers_forward(ref, x, t, ctx)
+    with torch.no_grad():
+        out = model(x, t, ctx)
+        same_t = model(x, t[:, -1:].expand(-1, t.shape[1]), ctx)  # every token at t == one timestep per sample
+        per_sample = model(x, t[:, -1], ctx)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(same_t, per_sample, atol=ATOL, rtol=0)
+    assert (out - per_sample).abs().max() > 0.05  # the first frame's timestep 0 matters
+    with pytest.raises(ValueError, match="per-token timesteps must be"):
+        model(x, t[:, 1:], ctx)

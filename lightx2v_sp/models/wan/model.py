@@ -38,8 +38,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def modulation(table: torch.Tensor, e: torch.Tensor, scale_rows: tuple[int, ...], dtype: torch.dtype):
-    """Rows of `table + e` as [B, 1, dim] tensors in `dtype`; `scale_rows` hold 1 + scale."""
-    m = (table + e).unsqueeze(2)  # fp32 [B, rows, 1, dim]
+    """Rows of `table + e` in `dtype`; `scale_rows` hold 1 + scale.
+
+    e [B, rows, dim] (one timestep per sample) -> [B, 1, dim] each; e [B, S, rows, dim] (one per
+    token, Wan2.2 TI2V) -> [B, S, dim] each.
+    """
+    m = table + e
+    m = m.movedim(2, 1) if m.ndim == 4 else m.unsqueeze(2)  # fp32 [B, rows, S or 1, dim]
     m[:, list(scale_rows)] += 1
     return m.to(dtype).unbind(1)
 
@@ -201,7 +206,7 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # [B, S, dim] -> [B, S, C*pt*ph*pw]
-        shift, scale = modulation(self.modulation, temb[:, None], (1,), x.dtype)
+        shift, scale = modulation(self.modulation, temb.unsqueeze(-2), (1,), x.dtype)  # temb [B, dim] or [B, S, dim]
         return self.head(torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=self.eps), scale))
 
 
@@ -246,7 +251,8 @@ class WanModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 image_context: torch.Tensor | None = None) -> torch.Tensor:
-        """`image_context` [B, L_img, image_dim]: the CLIP image tokens, for (and only for) Wan2.1 I2V."""
+        """`timestep` [B], or [B, S] with one timestep per token (Wan2.2 TI2V: 0 on the given first frame);
+        `image_context` [B, L_img, image_dim]: the CLIP image tokens, for (and only for) Wan2.1 I2V."""
         cfg = self.config
         if (image_context is None) != (cfg.image_dim is None):
             raise ValueError(f"image_context is {'missing' if image_context is None else 'given'}, but this DiT "
@@ -257,12 +263,18 @@ class WanModel(nn.Module):
             raise ValueError(f"latent frames/height/width {tuple(x.shape[2:])} must be multiples of the patch "
                              f"size {cfg.patch_size}; the last partial patch would be dropped")
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
+        if timestep.ndim == 2 and tuple(timestep.shape) != (x.shape[0], math.prod(grid)):
+            raise ValueError(f"per-token timesteps must be [B, tokens] = [{x.shape[0]}, {math.prod(grid)}], got "
+                             f"{tuple(timestep.shape)}")
         dtype = self.dtype
         tokens = self.patch_embedding(x.to(dtype))  # [B, S, dim]
         rope = self.rope(grid, x.device)            # ([S, 1, D], [S, 1, D]) fp32
         time_dtype = self.time_embedding[0].weight.dtype
-        temb = self.time_embedding(sinusoidal_embedding(timestep.reshape(-1), cfg.freq_dim).to(time_dtype)).float()
-        e0 = self.time_projection(temb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # [B, 6, dim]
+        freqs = sinusoidal_embedding(timestep.reshape(-1), cfg.freq_dim).to(time_dtype)
+        if timestep.ndim == 2:  # [B, S, freq]: parallelize_wan cuts it to this rank's tokens here
+            freqs = freqs.view(*timestep.shape, cfg.freq_dim)
+        temb = self.time_embedding(freqs).float()  # [B, dim] or [B, S, dim]
+        e0 = self.time_projection(temb.to(dtype)).float().unflatten(-1, (6, cfg.dim))  # [B, (S,) 6, dim]
         context = self.text_embedding(context.to(dtype))
         if image_context is not None:
             image_context = self.img_emb(image_context.to(dtype))
