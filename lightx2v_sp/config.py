@@ -29,7 +29,7 @@ class ModelConfig:
     tokenizer_path: Optional[str] = _f(None, "tokenizer directory; null = found under model.path")
     vae_path: Optional[str] = _f(None, "VAE (diffusers dir or official Wan2.1_VAE.pth); null = found under model.path")
     tiny: str = _f("wan2.1-t2v", "which embedded tiny model model.path=null means (tests, CPU demos)",
-                   ["wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"])
+                   ["wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"])
     compile: bool = _f(False, "torch.compile the DiT blocks: ~1.12x faster forward on an H100 (BENCHMARKS.md); "
                               "the first step pays the compilation")
 

@@ -2,7 +2,9 @@
 
 diffusers builds and saves the checkpoints: a two-expert `WanPipeline` (Wan2.2 T2V-A14B), a
 two-expert `WanImageToVideoPipeline` without an image encoder (Wan2.2 I2V-A14B), and a one-DiT
-`WanImageToVideoPipeline` with a CLIP vision tower and the DiT's image branch (Wan2.1 I2V). Our runner
+`WanImageToVideoPipeline` with a CLIP vision tower and the DiT's image branch (Wan2.1 I2V), and a
+one-DiT Wan2.2 TI2V pipeline (48 latent channels, the Wan2.2 VAE's shape, expand_timesteps) run as
+`WanPipeline` without and `WanImageToVideoPipeline` with an image. Our runner
 generates from the saved directories; diffusers' `__call__` generates from the same directories with
 the latents our seed draws. Compared: the decoded videos in [0, 1], on 1 process and on 2 and 3 gloo
 ranks (Ulysses with uneven token slices, round-robin, CFG-parallel; all kinds in one spawn per rank
@@ -29,6 +31,9 @@ PROMPT, NEGATIVE = "a small cat walks on the grass", "blurry low quality"
 # 3 UniPC steps at shift 3 are the timesteps 999, 857, 600: the boundaries 0.875 (T2V) and 0.9 (I2V)
 # give the high-noise expert one step and the low-noise expert two, with different guidance scales.
 SIZE = dict(height=48, width=80, num_frames=9)
+# TI2V: 16x VAE, 2x2 patches -> multiples of 32; 96 x 96 -> latents 3 x 6 x 6 -> 27 tokens (14/13 on 2
+# ranks, so the first frame's 9 tokens at timestep 0 sit on rank 0 next to tokens at t)
+SIZE_TI2V = dict(height=96, width=96, num_frames=9)
 STEPS, SHIFT, SEED, TEXT_LEN = 3, 3.0, 7, 32
 # Wan2.1 I2V: diffusers' attention takes the last 512 context tokens as text and the ones before as
 # image tokens, so that kind runs with Wan's text_len of 512.
@@ -36,8 +41,16 @@ KINDS = {
     "t2v": dict(config="wan22_t2v_tiny.yaml", boundary=0.875, in_dim=16, guidance=(4.0, 2.5), text_len=TEXT_LEN),
     "i2v": dict(config="wan22_i2v_tiny.yaml", boundary=0.9, in_dim=36, guidance=(3.5, 2.0), text_len=TEXT_LEN),
     "i2v_clip": dict(config="wan22_i2v_tiny.yaml", boundary=None, in_dim=36, guidance=(4.0, None), text_len=512),
+    "ti2v": dict(config="wan22_ti2v_tiny.yaml", boundary=None, in_dim=48, guidance=(4.0, None), text_len=TEXT_LEN,
+                 size=SIZE_TI2V, image=False),
+    "ti2v_image": dict(config="wan22_ti2v_tiny.yaml", boundary=None, in_dim=48, guidance=(4.0, None),
+                       text_len=TEXT_LEN, size=SIZE_TI2V, same_dir_as="ti2v"),
 }
-KIND_NAMES = {"t2v": "wan2.2-t2v-a14b", "i2v": "wan2.2-i2v-a14b", "i2v_clip": "wan2.1-i2v"}
+for _spec in KINDS.values():
+    _spec.setdefault("size", SIZE)
+    _spec.setdefault("image", _spec["in_dim"] != 16)
+KIND_NAMES = {"t2v": "wan2.2-t2v-a14b", "i2v": "wan2.2-i2v-a14b", "i2v_clip": "wan2.1-i2v", "ti2v": "wan2.2-ti2v-5b",
+              "ti2v_image": "wan2.2-ti2v-5b"}
 TWO_EXPERTS = [k for k in KINDS if KINDS[k]["boundary"] is not None]
 CLIP = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
             patch_size=8)  # 16 patches + the class token = 17 image tokens of width 24
@@ -97,7 +110,14 @@ def build_pipeline(kind: str, path):
     torch.manual_seed(2)
     vae = AutoencoderKLWan(**tiny.TINY_VAE).eval()
     parts = dict(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=_scheduler())
-    if kind == "i2v_clip":
+    if kind == "ti2v":
+        torch.manual_seed(2)
+        gen = torch.Generator().manual_seed(5)  # non-trivial latent statistics for the 48 channels
+        vae = AutoencoderKLWan(**tiny.TINY_VAE22, latents_mean=(0.3 * torch.randn(48, generator=gen)).tolist(),
+                               latents_std=(1 + torch.rand(48, generator=gen)).tolist()).eval()
+        dit = randomize_(WanTransformer3DModel(**dict(DIT, out_channels=48), in_channels=48), seed=13).eval()
+        pipe = WanPipeline(**dict(parts, vae=vae), transformer=dit, expand_timesteps=True)
+    elif kind == "i2v_clip":
         clip, processor = _clip()
         inner = DIT["num_attention_heads"] * DIT["attention_head_dim"]
         dit = WanTransformer3DModel(**DIT, in_channels=36, image_dim=CLIP["hidden_size"], added_kv_proj_dim=inner)
@@ -125,9 +145,11 @@ def diffusers_video(kind: str, pipe) -> torch.Tensor:
     # installed here, and for our plain ASCII prompt both cleaners return it unchanged.
     pipeline_wan_i2v.prompt_clean = pipeline_wan.prompt_clean
     spec = KINDS[kind]
-    latents = initial_latents(SEED, latent_shape(16, SIZE["num_frames"], SIZE["height"], SIZE["width"]))
-    extra = {} if kind == "t2v" else {"image": Image.open(IMAGE).convert("RGB")}
-    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, **SIZE, num_inference_steps=STEPS,
+    size, vae = spec["size"], pipe.vae.config
+    latents = initial_latents(SEED, latent_shape(vae.z_dim, size["num_frames"], size["height"], size["width"],
+                                                 vae.scale_factor_temporal, vae.scale_factor_spatial))
+    extra = {"image": Image.open(IMAGE).convert("RGB")} if spec["image"] else {}
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, **size, num_inference_steps=STEPS,
                guidance_scale=spec["guidance"][0], guidance_scale_2=spec["guidance"][1], latents=latents,
                output_type="pt", max_sequence_length=spec["text_len"], **extra).frames  # [1, F, 3, H, W]
     return out[0].permute(1, 0, 2, 3).float()
@@ -135,12 +157,13 @@ def diffusers_video(kind: str, pipe) -> torch.Tensor:
 
 def our_config(kind: str, path: str, out: str, extra=()):
     spec = KINDS[kind]
-    image = [f"image={IMAGE}", "sample.image_resize=stretch"] if kind != "t2v" else []
+    image = [f"image={IMAGE}", "sample.image_resize=stretch"] if spec["image"] else []
+    size = spec["size"]
     scale_2 = "null" if spec["guidance"][1] is None else spec["guidance"][1]
     return load_config(os.path.join(ROOT, "configs", spec["config"]), [
         f"model.path={path}", "model.dtype=fp32", f"prompt={PROMPT}", f"negative_prompt={NEGATIVE}",
-        f"seed={SEED}", f"sample.steps={STEPS}", f"sample.shift={SHIFT}", f"sample.height={SIZE['height']}",
-        f"sample.width={SIZE['width']}", f"sample.num_frames={SIZE['num_frames']}",
+        f"seed={SEED}", f"sample.steps={STEPS}", f"sample.shift={SHIFT}", f"sample.height={size['height']}",
+        f"sample.width={size['width']}", f"sample.num_frames={size['num_frames']}",
         f"sample.guidance_scale={spec['guidance'][0]}", f"sample.guidance_scale_2={scale_2}",
         "sample.boundary_ratio=null", f"text_encoder.text_len={spec['text_len']}", f"output.path={out}", "device=cpu",
         *image, *extra])
@@ -174,16 +197,24 @@ def _ranks(rank, world, dirs, outdir, variants):
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("wan22")
     dirs, reference, single = {}, {}, {}
-    for kind in KINDS:
-        pipe = build_pipeline(kind, base / kind)
+    for kind, spec in KINDS.items():
+        if "same_dir_as" in spec:  # the same saved weights, run by diffusers' I2V pipeline with an image
+            from diffusers import WanImageToVideoPipeline
+
+            pipe = WanImageToVideoPipeline(**{k: v for k, v in pipe.components.items() if k != "transformer_2"},
+                                           image_encoder=None, image_processor=None, expand_timesteps=True)
+            dirs[kind] = dirs[spec["same_dir_as"]]
+        else:
+            pipe = build_pipeline(kind, base / kind)
+            dirs[kind] = str(base / kind / "pipe")
         reference[kind] = diffusers_video(kind, pipe)
-        dirs[kind] = str(base / kind / "pipe")
         single[kind] = our_video(kind, dirs[kind], str(base / f"{kind}_single.mp4"))
     return base, dirs, reference, single
 
 
 def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    assert ours.shape == theirs.shape == (3, SIZE["num_frames"], SIZE["height"], SIZE["width"]), what
+    size = KINDS[what.split(",")[0]]["size"]
+    assert ours.shape == theirs.shape == (3, size["num_frames"], size["height"], size["width"]), what
     diff = (ours - theirs).abs()
     assert diff.mean() < MEAN_TOL and diff.max() < MAX_TOL, f"{what}: mean {diff.mean():.2e} max {diff.max():.2e}"
 
@@ -201,7 +232,7 @@ def test_single_process_matches_diffusers(setup, kind):
                                       "boundary_timestep": KINDS[kind]["boundary"] * 1000, "switches": 1}
     else:
         assert summary["experts"]["kind"] == KIND_NAMES[kind] and summary["experts"]["num_experts"] == 1
-    assert ("image" in summary["stage_times_s"]) == (kind != "t2v")
+    assert ("image" in summary["stage_times_s"]) == KINDS[kind]["image"]
 
 
 def test_experts_and_image_matter(setup):
@@ -224,6 +255,8 @@ def test_experts_and_image_matter(setup):
     finally:
         runner.encode_clip = real
     assert (video - reference["i2v_clip"]).abs().mean() > 10 * MEAN_TOL
+    # TI2V: the image as first latent frame changes the video (ours matches diffusers with and without it)
+    assert (reference["ti2v_image"] - reference["ti2v"]).abs().mean() > 10 * MEAN_TOL
 
 
 def test_official_layout_matches(setup, tmp_path):

@@ -20,6 +20,10 @@ tokenizer and VAE (same seeds) and their own DiT files:
     <cache>/tiny-wan2.1-i2v-<TINY_VERSION>/        Wan2.1 I2V in the -Diffusers layout: transformer/
                                                   (image branch), image_encoder/ (CLIP vision tower),
                                                   image_processor/, model_index.json
+    <cache>/tiny-wan2.2-ti2v-5b-<TINY_VERSION>/    Wan2.2 TI2V in the -Diffusers layout: transformer/
+                                                  (48 channels in and out), vae/ (the Wan2.2 VAE shape:
+                                                  z_dim 48, 16x spatial), model_index.json with
+                                                  expand_timesteps
 
 `<cache>` is $LIGHTX2V_SP_CACHE, else ~/.cache/lightx2v_sp. The build goes to a temporary sibling
 directory renamed into place, under an exclusive file lock, so concurrent ranks (or jobs) neither
@@ -54,7 +58,11 @@ VARIANTS = {
     "wan2.2-i2v-a14b": {name: dict(TINY_WAN, in_dim=36, model_type="i2v")
                         for name in ("high_noise_model", "low_noise_model")},
     "wan2.1-i2v": {"transformer": dict(TINY_WAN, in_dim=36, model_type="i2v", image_dim=32)},
+    "wan2.2-ti2v-5b": {"transformer": dict(TINY_WAN, in_dim=48, out_dim=48)},
 }
+# The Wan2.2 VAE's shape at toy size: 48 latent channels, pixels patchified 2x2 (12 channels), 16x space
+TINY_VAE22 = dict(base_dim=8, decoder_base_dim=8, z_dim=48, num_res_blocks=1, is_residual=True, in_channels=12,
+                  out_channels=12, patch_size=2, scale_factor_spatial=16)
 # CLIP vision tower of the tiny Wan2.1 I2V: 32 px / patch 8 = 16 patches + class token = 17 tokens of 32
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                  patch_size=8)
@@ -142,10 +150,13 @@ def write_tiny_model(path: str, variant: str = "wan2.1-t2v") -> None:
         if variant == "wan2.1-i2v":
             torch.manual_seed(SEED + 3)
             _write_clip(path)
+        if variant == "wan2.2-ti2v-5b":
+            _write_index(path, {"_class_name": "WanPipeline", "boundary_ratio": None, "expand_timesteps": True,
+                                "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None]})
         torch.manual_seed(SEED + 1)
         _write_text_encoder(os.path.join(path, "text_encoder"))
         torch.manual_seed(SEED + 2)
-        _write_vae(os.path.join(path, "vae"))
+        _write_vae(os.path.join(path, "vae"), TINY_VAE22 if variant == "wan2.2-ti2v-5b" else TINY_VAE)
     _write_tokenizer(os.path.join(path, "tokenizer"))
     with open(os.path.join(path, MARKER), "w") as f:
         variant_keys = {} if experts is None else {"variant": variant}  # the original model's marker is unchanged
@@ -169,11 +180,15 @@ def _write_clip(path: str) -> None:
     size = TINY_CLIP["image_size"]
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         os.path.join(path, "image_processor"))
-    index = {"_class_name": "WanImageToVideoPipeline", "boundary_ratio": None, "expand_timesteps": False,
-             "image_encoder": ["transformers", "CLIPVisionModel"],
-             "image_processor": ["transformers", "CLIPImageProcessor"],
-             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
-             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "AutoTokenizer"],
+    _write_index(path, {"_class_name": "WanImageToVideoPipeline", "boundary_ratio": None, "expand_timesteps": False,
+                        "image_encoder": ["transformers", "CLIPVisionModel"],
+                        "image_processor": ["transformers", "CLIPImageProcessor"],
+                        "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None]})
+
+
+def _write_index(path: str, index: dict) -> None:
+    """A diffusers model_index.json: what the pipeline is and which components it has."""
+    index = {**index, "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "AutoTokenizer"],
              "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
@@ -189,10 +204,14 @@ def _write_text_encoder(path: str) -> None:
     save_t5_encoder(enc, path, layout="hf")
 
 
-def _write_vae(path: str) -> None:
+def _write_vae(path: str, shape: dict = TINY_VAE) -> None:
     from diffusers import AutoencoderKLWan
 
-    AutoencoderKLWan(**TINY_VAE).save_pretrained(path, safe_serialization=True)
+    if shape["z_dim"] != 16:  # no released statistics at toy size: fixed, non-trivial ones
+        gen = torch.Generator().manual_seed(SEED)
+        shape = dict(shape, latents_mean=(0.3 * torch.randn(shape["z_dim"], generator=gen)).tolist(),
+                     latents_std=(1 + torch.rand(shape["z_dim"], generator=gen)).tolist())
+    AutoencoderKLWan(**shape).save_pretrained(path, safe_serialization=True)
 
 
 def _write_tokenizer(path: str) -> None:

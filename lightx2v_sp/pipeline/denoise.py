@@ -38,13 +38,17 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device):
 
 @torch.no_grad()
 def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
-            condition: torch.Tensor | None = None, image_context: torch.Tensor | None = None) -> torch.Tensor:
+            condition: torch.Tensor | None = None, image_context: torch.Tensor | None = None,
+            first_frame: torch.Tensor | None = None) -> torch.Tensor:
     """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32).
 
     `model` is one DiT or the `Experts` of a two-expert model (which one runs, and its guidance
     scale, depends on the timestep). `condition` [B, 4 + z, F, H, W] (I2V: mask + image latents)
     is concatenated after the latents on the channel axis at every step; `image_context`
     [B, L, width] (Wan2.1 I2V: CLIP tokens) goes to the DiT's image branch, the same for both passes.
+    `first_frame` [B, z, 1, H, W] (Wan2.2 TI2V with an image) replaces the first latent frame of every
+    DiT input and of the result, and its tokens get timestep 0 (the others t), as diffusers'
+    expand_timesteps does.
     """
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift)
@@ -54,8 +58,30 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
         dit, scale = experts.select(t)
         timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
         x = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=1)
+        if first_frame is not None:
+            x = with_first_frame(latents, first_frame)
+            timestep = token_timesteps(timestep, latents.shape[2:], dit.config.patch_size)
         extra = () if image_context is None else (image_context,)
         velocity = guided_prediction(lambda context: dit(x, timestep, context, *extra),
                                      contexts.cond, contexts.uncond, scale, dims)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+    if first_frame is not None:
+        latents = with_first_frame(latents, first_frame)
     return latents.float()
+
+
+def with_first_frame(latents: torch.Tensor, first_frame: torch.Tensor) -> torch.Tensor:
+    """`latents` [B, z, F, H, W] with latent frame 0 replaced by `first_frame` [B, z, 1, H, W]."""
+    return torch.cat([first_frame.to(latents.dtype).expand(latents.shape[0], -1, -1, -1, -1), latents[:, :, 1:]],
+                     dim=2)
+
+
+def token_timesteps(timestep: torch.Tensor, latent_grid, patch_size) -> torch.Tensor:
+    """[B] -> [B, S]: t for every token, 0 for the tokens of the first latent frame (known, not noised)."""
+    if patch_size[0] != 1:
+        raise ValueError(f"a first-frame image needs one latent frame per token frame; the DiT patches "
+                         f"{patch_size[0]} latent frames together")
+    f, h, w = (n // p for n, p in zip(latent_grid, patch_size))
+    ts = timestep[:, None, None, None].expand(-1, f, h, w).clone()
+    ts[:, 0] = 0
+    return ts.flatten(1)

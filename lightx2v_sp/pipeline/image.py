@@ -93,8 +93,12 @@ def image_condition(vae, image: torch.Tensor, num_frames: int, device: torch.dev
 
 
 def encode_image_condition(cfg, vae, condition_shape: tuple[int, ...], device: torch.device, world: int,
-                           rank: int) -> torch.Tensor:
-    """The DiT's conditioning channels [1, *condition_shape] on every rank (rank 0 encodes)."""
+                           rank: int, first_frame: bool = False) -> torch.Tensor:
+    """The DiT's conditioning channels [1, *condition_shape] on every rank (rank 0 encodes).
+
+    first_frame (Wan2.2 TI2V): the image alone is encoded, [1, z, 1, H/16, W/16]: it replaces the
+    first latent frame at every step (and those tokens get timestep 0).
+    """
     from lightx2v_sp.offload import ComponentPlacement
 
     def encode():
@@ -104,7 +108,10 @@ def encode_image_condition(cfg, vae, condition_shape: tuple[int, ...], device: t
         image = fit_image(open_image(cfg.image), s.height, s.width, s.image_resize)
         placement = ComponentPlacement(vae.vae, cfg.offload.vae, device, name="vae")
         with placement.on_device():
-            cond = image_condition(vae, image, s.num_frames, placement.execution_device)
+            if first_frame:
+                cond = vae.encode(image.unsqueeze(2), device=placement.execution_device).cpu()
+            else:
+                cond = image_condition(vae, image, s.num_frames, placement.execution_device)
         if tuple(cond.shape[1:]) != tuple(condition_shape):
             raise ValueError(f"the image condition has shape {tuple(cond.shape[1:])}, the DiT expects "
                              f"{tuple(condition_shape)} (mask + VAE latent channels); the VAE and DiT differ")

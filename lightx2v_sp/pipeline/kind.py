@@ -24,7 +24,8 @@ OFFICIAL_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}
 
 @dataclass
 class ModelKind:
-    name: str                         # "wan2.1-t2v" | "wan2.1-i2v" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b"
+    name: str                         # "wan2.1-t2v" | "wan2.1-i2v" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" |
+    #                                   "wan2.2-ti2v-5b"
     image_input: bool                 # the DiT is conditioned on an encoded first frame
     experts: tuple[str, ...]          # DiT directories: (high-noise, low-noise) or (the only one,)
     boundary_ratio: Optional[float]   # from the checkpoint; None for one-DiT models
@@ -32,6 +33,8 @@ class ModelKind:
     image_encoder: Optional[str] = None    # Wan2.1 I2V: CLIP vision tower directory
     image_processor: Optional[str] = None  # ... and its image processor
     image_dim: Optional[int] = None        # width of the CLIP tokens the DiT takes
+    first_frame: bool = False              # Wan2.2 TI2V: an optional image is the first latent frame itself
+    vae_strides: tuple[int, int] = (4, 8)  # (time, space) compression of the VAE
 
     @property
     def two_experts(self) -> bool:
@@ -60,10 +63,17 @@ def _model_type(dit: str, layout: str) -> str:
 def detect_kind(paths: ModelPaths) -> ModelKind:
     """The kind of the checkpoint at `paths`; a ValueError for members that are not implemented."""
     index = _json(os.path.join(paths.root, "model_index.json")) if paths.dit_layout == "diffusers" else {}
-    if index.get("expand_timesteps"):
-        raise ValueError(f"{paths.root}/model_index.json has expand_timesteps=true: a Wan2.2 TI2V-5B checkpoint "
-                         "(per-token timesteps, the 48-channel Wan2.2 VAE), which is not implemented yet")
     model_type = _model_type(paths.dit, paths.dit_layout)
+    if model_type == "ti2v":
+        raise ValueError(f"{paths.root} is an official-layout Wan2.2 TI2V-5B model: its Wan2.2_VAE.pth is not "
+                         "supported; use the -Diffusers layout of the model (vae/ with z_dim 48)")
+    strides = _vae_strides(paths.vae)
+    if index.get("expand_timesteps"):
+        if paths.dit_2 is not None or model_type != "t2v":
+            raise ValueError(f"{paths.root}/model_index.json has expand_timesteps=true, but its DiT is not one "
+                             "TI2V DiT (in channels = out channels); the checkpoint is not Wan2.2 TI2V")
+        return ModelKind(name="wan2.2-ti2v-5b", image_input=False, experts=(paths.dit,), boundary_ratio=None,
+                         boundary_source="none (one DiT)", first_frame=True, vae_strides=strides)
     if model_type not in ("t2v", "i2v"):
         raise ValueError(f"{paths.dit}/config.json has model_type={model_type!r}; only t2v and i2v Wan DiTs "
                          "are implemented")
@@ -80,10 +90,16 @@ def detect_kind(paths: ModelPaths) -> ModelKind:
     name = {("t2v", 1): "wan2.1-t2v", ("t2v", 2): "wan2.2-t2v-a14b", ("i2v", 1): "wan2.1-i2v",
             ("i2v", 2): "wan2.2-i2v-a14b"}[model_type, len(experts)]
     kind = ModelKind(name=name, image_input=model_type == "i2v", experts=experts, boundary_ratio=boundary,
-                     boundary_source=source)
+                     boundary_source=source, vae_strides=strides)
     if name == "wan2.1-i2v":
         _find_clip(kind, paths, index)
     return kind
+
+
+def _vae_strides(vae: str) -> tuple[int, int]:
+    """(time, space) compression from a diffusers VAE config; the official Wan2.1_VAE.pth is 4 x 8."""
+    cfg = _json(os.path.join(vae, "config.json")) if os.path.isdir(vae) else {}
+    return int(cfg.get("scale_factor_temporal") or 4), int(cfg.get("scale_factor_spatial") or 8)
 
 
 def _find_clip(kind: ModelKind, paths: ModelPaths, index: dict) -> None:
@@ -124,10 +140,15 @@ def check_inputs(kind: ModelKind, cfg) -> None:
     if kind.image_input and cfg.image is None:
         raise ValueError(f"the model at {kind.experts[0]} is image-to-video ({kind.name}) and needs image=path/to.png "
                          "(its first frame); none was given")
-    if not kind.image_input and cfg.image is not None:
+    if not kind.image_input and cfg.image is not None and not kind.first_frame:
         raise ValueError(f"image={cfg.image} was given, but the model at {kind.experts[0]} is text-to-video "
                          f"({kind.name}) and would ignore it; drop image= or use an I2V model")
     if not kind.two_experts and (cfg.sample.guidance_scale_2 is not None or cfg.sample.boundary_ratio is not None):
         raise ValueError(f"sample.guidance_scale_2 / sample.boundary_ratio are for two-expert (Wan2.2 A14B) models; "
                          f"the model at {kind.experts[0]} has one DiT and would ignore them")
     boundary_ratio(kind, cfg.sample)
+    s, space = cfg.sample, kind.vae_strides[1]
+    if s.height % (2 * space) or s.width % (2 * space):
+        raise ValueError(f"sample.height x sample.width = {s.height}x{s.width}: the VAE of {kind.name} compresses "
+                         f"space by {space} and the DiT patches 2x2 latents, so both must be multiples of "
+                         f"{2 * space} (e.g. {s.height // (2 * space) * 2 * space}x{s.width // (2 * space) * 2 * space})")

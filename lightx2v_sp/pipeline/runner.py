@@ -29,7 +29,7 @@ from .experts import install_experts, load_experts
 from .clip import encode_clip
 from .image import encode_image_condition, open_image
 from .kind import boundary_ratio, check_inputs, detect_kind
-from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
+from .latents import initial_latents, latent_shape
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
 from .paths import model_paths_for
 from .text import check_text_encoder_layout, encode_prompts
@@ -131,17 +131,20 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
             if vae is not None and vae.z_dim != model.config.out_dim:
                 raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
                                  f"{paths.dit} denoises out_dim={model.config.out_dim}; they are not one model")
-            if vae is not None and (vae.temporal_stride, vae.spatial_stride) != (VAE_TEMPORAL_STRIDE,
-                                                                                 VAE_SPATIAL_STRIDE):
+            if vae is not None and (vae.temporal_stride, vae.spatial_stride) != kind.vae_strides:
                 raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
-                                 f"{vae.spatial_stride}; Wan2.1's VAE (4 x 8) is the only one supported")
+                                 f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
             return models, vae
         models, vae = agreed("loading the DiT", load)
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
 
     s = cfg.sample
-    shape = latent_shape(experts.config.out_dim, s.num_frames, s.height, s.width)
-    condition = image_context = None
+    shape = latent_shape(experts.config.out_dim, s.num_frames, s.height, s.width, *kind.vae_strides)
+    condition = image_context = first_frame = None
+    if kind.first_frame and cfg.image is not None:
+        with stages("image"):
+            first_frame = encode_image_condition(cfg, vae, (shape[0], 1, *shape[2:]), device, world, rank,
+                                                 first_frame=True)
     if kind.image_input:
         with stages("image"):
             condition = encode_image_condition(cfg, vae, (experts.config.condition_dim, *shape[1:]), device,
@@ -151,11 +154,11 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
         latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
-                          condition=condition, image_context=image_context)
+                          condition=condition, image_context=image_context, first_frame=first_frame)
     experts.release()
     prompt_tokens = contexts.num_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
-    del models, experts, contexts, condition, image_context
+    del models, experts, contexts, condition, image_context, first_frame
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
