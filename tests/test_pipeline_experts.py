@@ -31,7 +31,7 @@ T2V = os.path.join(ROOT, "configs", "wan22_t2v_tiny.yaml")
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("cache"))
-    for variant in ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"):
+    for variant in ("wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"):
         tiny.ensure_tiny_model(path, variant)
     return path
 
@@ -178,3 +178,37 @@ def test_official_wan21_i2v_is_refused_with_the_way_out(cache, tmp_path):
     WanModel.from_pretrained(os.path.join(src, "transformer")).save_pretrained(tmp_path, layout="official")
     with pytest.raises(ValueError, match="open_clip checkpoint .* use the -Diffusers layout"):
         detect_kind(resolve_model_paths(str(tmp_path)))
+
+
+def test_heads_check_for_ti2v_24_heads():
+    """TI2V-5B has 24 heads: on 8 GPUs both cfg 2 x ulysses 4 and ulysses 8 split them (24 = 8 x 3); on 16
+    ranks ulysses 16 cannot, and the error lists the layouts that work."""
+    from lightx2v_sp.models.wan import WanConfig
+    from lightx2v_sp.pipeline.checks import check_layout
+
+    heads = WanConfig.ti2v_5b().num_heads
+    assert heads == 24
+    check_layout(8, 4, 2, heads)
+    check_layout(8, 8, 1, heads)
+    with pytest.raises(ValueError, match="24 attention heads cannot be split over parallel.ulysses_degree=16; "
+                                         "layouts that work on 16 rank\\(s\\): cfg_degree=2 x ulysses_degree=8"):
+        check_layout(16, 16, 1, heads)
+
+
+def test_ti2v_inputs(cache, tmp_path):
+    """TI2V takes an image or not; its size must fit the 16x VAE and 2x2 patches; the official layout
+    (Wan2.2_VAE.pth) is refused with the way out."""
+    config = os.path.join(ROOT, "configs", "wan22_ti2v_tiny.yaml")
+    with pytest.raises(AgreedError, match="must be multiples of 32"):
+        run(_cfg(config, cache, tmp_path, "sample.height=80"), torch.device("cpu"), progress=False)
+    with pytest.raises(AgreedError, match="does not exist"):
+        run(_cfg(config, cache, tmp_path, "image=/no/such.png"), torch.device("cpu"), progress=False)
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "config.json").write_text(json.dumps({"dim": 96, "num_heads": 12, "model_type": "ti2v"}))
+    (official / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    src = tiny.tiny_model_dir(cache, "wan2.2-ti2v-5b")
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        os.symlink(os.path.join(src, sub), official / sub)
+    with pytest.raises(ValueError, match="Wan2.2_VAE.pth is not supported; use the -Diffusers layout"):
+        detect_kind(resolve_model_paths(str(official)))

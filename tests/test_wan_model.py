@@ -119,7 +119,8 @@ def test_bf16_close_to_fp32_and_keeps_fp32_tables(reference):
 def test_named_configs_match_diffusers_parameter_count():
     from diffusers import WanTransformer3DModel
 
-    for cfg, billions in ((WanConfig.t2v_1_3b(), 1.3), (WanConfig.t2v_14b(), 14.0)):
+    for cfg, billions in ((WanConfig.t2v_1_3b(), 1.3), (WanConfig.t2v_14b(), 14.0), (WanConfig.ti2v_5b(), 5.0),
+                          (WanConfig.i2v_14b(), 16.4), (WanConfig.i2v_a14b(), 14.3)):
         with torch.device("meta"):
             ours = WanModel(cfg)
             theirs = WanTransformer3DModel(**{k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"})

@@ -77,6 +77,11 @@ class WanConfig:
         return cls(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824, in_dim=36, model_type="i2v", image_dim=1280)
 
     @classmethod
+    def ti2v_5b(cls) -> "WanConfig":
+        """Wan2.2-TI2V-5B: 48 latent channels in and out (the Wan2.2 VAE), 24 heads."""
+        return cls(dim=3072, num_heads=24, num_layers=30, ffn_dim=14336, in_dim=48, out_dim=48)
+
+    @classmethod
     def i2v_a14b(cls) -> "WanConfig":
         """One expert of Wan2.2-I2V-A14B (Wan2.2-T2V-A14B's experts are t2v_14b)."""
         return cls(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824, in_dim=36, model_type="i2v")
@@ -90,7 +95,8 @@ class WanConfig:
     @classmethod
     def named(cls, name: str) -> "WanConfig":
         table = {"tiny": cls.tiny, "1.3b": cls.t2v_1_3b, "t2v-1.3b": cls.t2v_1_3b, "14b": cls.t2v_14b, "t2v-14b": cls.t2v_14b,
-                 "t2v-a14b": cls.t2v_14b, "i2v-a14b": cls.i2v_a14b, "i2v-14b": cls.i2v_14b}
+                 "t2v-a14b": cls.t2v_14b, "i2v-a14b": cls.i2v_a14b, "i2v-14b": cls.i2v_14b,
+                 "ti2v-5b": cls.ti2v_5b}
         if name.lower() not in table:
             raise ValueError(f"unknown Wan config {name!r}; known: {sorted(table)}")
         return table[name.lower()]()
