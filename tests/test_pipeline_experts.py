@@ -111,7 +111,7 @@ def test_detect_kind_official_and_diffusers(cache, tmp_path):
                                                                                  layout="diffusers")
     assert detect_kind(resolve_model_paths(str(root))).boundary_ratio == 0.875
     (root / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
-    with pytest.raises(ValueError, match="TI2V-5B"):
+    with pytest.raises(ValueError, match="expand_timesteps=true, but its DiT is not one TI2V DiT"):
         detect_kind(resolve_model_paths(str(root)))
 
 

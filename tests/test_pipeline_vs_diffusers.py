@@ -241,19 +241,19 @@ def test_experts_and_image_matter(setup):
     low-noise expert), 0.085 (its guidance 2.5 -> 4), 0.006 (the image cropped instead of stretched:
     random weights give the latent image a small but clear say), 0.41 (Wan2.1 I2V: the CLIP tokens
     zeroed; mean 0.044); parity differences are ~1.7e-6."""
-    from lightx2v_sp.pipeline import runner
+    from lightx2v_sp.pipeline import conditioning
 
     base, dirs, reference, _ = setup
     for kind, extra in [("t2v", ["sample.boundary_ratio=0.0"]), ("t2v", ["sample.guidance_scale_2=4.0"]),
                         ("i2v", ["sample.image_resize=crop"])]:
         video, _ = our_video(kind, dirs[kind], str(base / "changed.mp4"), extra)
         assert (video - reference[kind]).abs().max() > 10 * MAX_TOL, (kind, extra)
-    real = runner.encode_clip
-    runner.encode_clip = lambda *a, **k: torch.zeros_like(real(*a, **k))
+    real = conditioning.encode_clip
+    conditioning.encode_clip = lambda *a, **k: torch.zeros_like(real(*a, **k))
     try:
         video, _ = our_video("i2v_clip", dirs["i2v_clip"], str(base / "changed.mp4"), ["image_encoder.device=cpu"])
     finally:
-        runner.encode_clip = real
+        conditioning.encode_clip = real
     assert (video - reference["i2v_clip"]).abs().mean() > 10 * MEAN_TOL
     # TI2V: the image as first latent frame changes the video (ours matches diffusers with and without it)
     assert (reference["ti2v_image"] - reference["ti2v"]).abs().mean() > 10 * MEAN_TOL

@@ -24,10 +24,10 @@ from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import ComponentPlacement, StageMemory
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
+from .conditioning import image_inputs, needs_image_stage
 from .denoise import denoise
 from .experts import install_experts, load_experts
-from .clip import encode_clip
-from .image import encode_image_condition, open_image
+from .image import open_image
 from .kind import boundary_ratio, check_inputs, detect_kind
 from .latents import initial_latents, latent_shape
 from .output import check_video_writer, check_writable, summary_path, write_json, write_video
@@ -140,25 +140,18 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     s = cfg.sample
     shape = latent_shape(experts.config.out_dim, s.num_frames, s.height, s.width, *kind.vae_strides)
-    condition = image_context = first_frame = None
-    if kind.first_frame and cfg.image is not None:
+    image = {}
+    if needs_image_stage(kind, cfg):
         with stages("image"):
-            first_frame = encode_image_condition(cfg, vae, (shape[0], 1, *shape[2:]), device, world, rank,
-                                                 first_frame=True)
-    if kind.image_input:
-        with stages("image"):
-            condition = encode_image_condition(cfg, vae, (experts.config.condition_dim, *shape[1:]), device,
-                                               world, rank)
-            if kind.image_encoder is not None:
-                image_context = encode_clip(cfg, kind.image_encoder, kind.image_processor, device, dtype, world, rank)
+            image = image_inputs(cfg, kind, vae, shape, experts.config.condition_dim, device, dtype, world, rank)
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
         latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
-                          condition=condition, image_context=image_context, first_frame=first_frame)
+                          **image)
     experts.release()
     prompt_tokens = contexts.num_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
-    del models, experts, contexts, condition, image_context, first_frame
+    del models, experts, contexts, image
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
