@@ -207,6 +207,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.model.compile and cfg.offload.dit == "block":
         raise ValueError("model.compile=true with offload.dit=block: the block-offload hooks swap weights "
                          "between calls, which a compiled block would not see; choose one of the two")
+    if cfg.model.compile and cfg.offload.dit == "swap":
+        raise ValueError("model.compile=true with offload.dit=swap: the swap moves the DiT's weights between the "
+                         "host and the GPU, which compiled blocks are not checked against; choose one of the two")
     if s.boundary_ratio is not None and not 0.0 <= s.boundary_ratio <= 1.0:
         raise ValueError(f"sample.boundary_ratio = {s.boundary_ratio} must be in [0, 1] (a fraction of the 1000 "
                          "training timesteps); null takes it from the checkpoint")

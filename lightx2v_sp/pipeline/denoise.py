@@ -19,17 +19,22 @@ from .scheduler import make_scheduler
 
 
 def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype) -> WanModel:
-    """The DiT on `device`; on the CPU with offload.dit=block (the offload streams its blocks later)."""
-    return WanModel.from_pretrained(path, dtype=dtype, device="cpu" if cfg.offload.dit == "block" else device)
+    """One DiT (of one or two experts) on `device`; on the CPU with offload.dit=block or swap (the
+    offload places it later)."""
+    on_host = cfg.offload.dit in ("block", "swap")
+    return WanModel.from_pretrained(path, dtype=dtype, device="cpu" if on_host else device)
 
 
-def install_parallel(model: WanModel, cfg, dims, device: torch.device):
-    """Ulysses attention per `parallel.*`, then block offload (which must come after it)."""
+def install_parallel(model: WanModel, cfg, dims, device: torch.device, transport=None):
+    """Ulysses attention per `parallel.*`, then block offload (which must come after it); the block
+    offload handle or None. offload.dit=swap is placed by experts.install_experts."""
     p = cfg.parallel
     parallelize_wan(model, dims, a2a=p.a2a, fuse_qkv=p.fuse_qkv, comm_dtype=p.comm_dtype,
                     backend=cfg.attention.backend)
     if cfg.offload.dit == "block":
-        return offload_dit_blocks(model, device)
+        return offload_dit_blocks(model, device, transport=transport)
+    if cfg.offload.dit == "swap":
+        return None
     if cfg.model.compile:
         for block in model.blocks:  # identical blocks share one compiled graph (parameters are inputs)
             block.compile(dynamic=False)

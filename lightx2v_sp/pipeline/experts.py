@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from lightx2v_sp.models.wan import WanModel, parallelize_wan
-from lightx2v_sp.offload import ComponentPlacement, offload_dit_blocks
+from lightx2v_sp.models.wan import WanModel
+from lightx2v_sp.offload import ComponentPlacement
 
 
 class Experts:
@@ -86,29 +86,25 @@ class Experts:
 
 
 def load_experts(dirs, cfg, device: torch.device, dtype: torch.dtype) -> list[WanModel]:
-    """The DiT(s) from `dirs`; on the CPU when offload moves them later (block, swap)."""
-    where = "cpu" if cfg.offload.dit in ("block", "swap") else device
-    return [WanModel.from_pretrained(d, dtype=dtype, device=where) for d in dirs]
+    """The DiT(s) from `dirs`, each as denoise.load_dit loads one (on the CPU when offload places it)."""
+    from .denoise import load_dit
+
+    return [load_dit(d, cfg, device, dtype) for d in dirs]
 
 
 def install_experts(models: list[WanModel], cfg, dims, device: torch.device, boundary_ratio: Optional[float],
                     num_train_timesteps: int = 1000, transport=None) -> Experts:
     """Ulysses attention on every expert, then the placement per `offload.dit` (after it, as block
     offload requires). `transport` replaces the CUDA one (tests: HostTransport on CPU)."""
-    p, s = cfg.parallel, cfg.sample
-    for model in models:
-        parallelize_wan(model, dims, a2a=p.a2a, fuse_qkv=p.fuse_qkv, comm_dtype=p.comm_dtype,
-                        backend=cfg.attention.backend)
-    placements, offloads = None, []
-    if cfg.offload.dit == "block":
-        offloads = [offload_dit_blocks(m, device, transport=transport) for m in models]
-    elif cfg.offload.dit == "swap":
+    from .denoise import install_parallel
+
+    s = cfg.sample
+    handles = [install_parallel(m, cfg, dims, device, transport=transport) for m in models]
+    offloads = [h for h in handles if h is not None]
+    placements = None
+    if cfg.offload.dit == "swap":
         placements = [ComponentPlacement(m, "swap", device, name=f"dit expert {i}", transport=transport)
                       for i, m in enumerate(models)]
-    elif cfg.model.compile:
-        for model in models:
-            for block in model.blocks:  # identical blocks share one compiled graph (parameters are inputs)
-                block.compile(dynamic=False)
     scale_2 = s.guidance_scale if s.guidance_scale_2 is None else s.guidance_scale_2
     scales = [s.guidance_scale, scale_2][:len(models)]
     boundary = None if len(models) == 1 else boundary_ratio * num_train_timesteps
