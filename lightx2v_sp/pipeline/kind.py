@@ -5,6 +5,10 @@
 - official: config.json's `model_type` (t2v / i2v) and, for Wan2.2 A14B, the high_noise_model/ and
   low_noise_model/ folders. The official files carry no boundary: it is the one of the Wan2.2 release
   (t2v 0.875, i2v 0.900).
+One-DiT I2V with `image_dim` is Wan2.1 I2V (CLIP from image_encoder/ + image_processor/);
+expand_timesteps is Wan2.2 TI2V-5B (an optional image as the first latent frame). The VAE's
+compression comes from its config.json (Wan2.2's VAE: 16x in space). Official-layout Wan2.1 I2V
+(open_clip .pth) and TI2V (Wan2.2_VAE.pth) are refused with the -Diffusers layout as the way out.
 
 Per-expert guidance scales are in no checkpoint file (diffusers passes them to `__call__`), so they
 come from `sample.guidance_scale` (high-noise expert) and `sample.guidance_scale_2` (low-noise).
