@@ -43,6 +43,8 @@ class ModelConfig:
                                              "null = found under model.path")
     vae_path: Optional[str] = _f(None, "VAE (diffusers dir or official Wan2.1_VAE.pth; or repo id[/subfolder]); "
                                        "null = found under model.path")
+    tiny: str = _f("wan2.1-t2v", "which embedded tiny model model.path=null means (tests, CPU demos)",
+                   ["wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"])
     compile: bool = _f(False, "torch.compile the DiT blocks: ~1.12x faster forward on an H100 (BENCHMARKS.md); "
                               "the first step pays the compilation")
 
@@ -51,6 +53,10 @@ class ModelConfig:
 class SampleConfig:
     steps: int = _f(50, "number of denoising steps")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale; 1.0 disables the unconditional pass")
+    guidance_scale_2: Optional[float] = _f(None, "two-expert models: guidance scale of the low-noise expert "
+                                                 "(guidance_scale is the high-noise one's); null = guidance_scale")
+    boundary_ratio: Optional[float] = _f(None, "two-expert models: the high-noise expert runs while timestep >= "
+                                               "boundary_ratio x 1000; null = from the checkpoint")
     shift: float = _f(5.0, "flow-matching timestep shift (Wan: 5.0 at 720p, 3.0 at 480p)")
     scheduler: str = _f("unipc", "sampler: UniPC in flow mode or flow-match Euler (step-distilled models: euler)",
                         ["unipc", "euler"])
@@ -61,6 +67,9 @@ class SampleConfig:
     width: int = _f(832, "video width in pixels (multiple of 16)")
     num_frames: int = _f(81, "number of frames (4k + 1)")
     fps: int = _f(16, "frames per second of the written mp4")
+    image_resize: str = _f("stretch", "how the I2V image meets height x width: stretch (diffusers' default) or "
+                                      "crop (keep the aspect ratio, scale to cover, cut the centre)",
+                           ["stretch", "crop"])
 
 
 @dataclass
@@ -92,8 +101,16 @@ class TextEncoderConfig:
 
 
 @dataclass
+class ImageEncoderConfig:
+    device: str = _f("gpu", "Wan2.1 I2V's CLIP image encoder (rank 0 encodes, broadcasts): gpu, cpu (runs there) "
+                            "or swap (GPU only for its stage)", ["gpu", "cpu", "swap"])
+
+
+@dataclass
 class OffloadConfig:
-    dit: str = _f("none", "DiT weights: resident, or per-block from pinned CPU memory with prefetch", ["none", "block"])
+    dit: str = _f("none", "DiT weights: resident, per-block from pinned CPU memory with prefetch, or swap (pinned "
+                          "CPU memory, on the GPU only while it denoises: the idle expert of a two-expert model "
+                          "stays on the host)", ["none", "block", "swap"])
     vae: str = _f("gpu", "where the VAE lives: gpu, cpu or swap", ["gpu", "cpu", "swap"])
     share_host: bool = _f(True, "with dit=block, the ranks of one node share one pinned host copy of the blocks "
                                 "(POSIX shared memory in /dev/shm) instead of one copy each")
@@ -132,6 +149,8 @@ class OutputConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "checkpoint and dtype"})
     prompt: str = _f("A cat walks on the grass, realistic style.", "text prompt")
+    image: Optional[str] = _f(None, "image (png, jpg, ...) that conditions image-to-video models: their first "
+                                    "frame; required by I2V checkpoints, refused by text-to-video ones")
     negative_prompt: str = _f("", "negative prompt for classifier-free guidance")
     seed: int = _f(42, "seed of the initial latents; same seed -> same video on any layout")
     device: str = _f("auto", "auto = cuda when available, else cpu", ["auto", "cuda", "cpu"])
@@ -141,6 +160,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "sequence / CFG parallelism"})
     attention: AttentionConfig = field(default_factory=AttentionConfig, metadata={"doc": "local attention kernel"})
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, metadata={"doc": "UMT5 placement"})
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig,
+                                              metadata={"doc": "CLIP image encoder placement (Wan2.1 I2V)"})
     offload: OffloadConfig = field(default_factory=OffloadConfig, metadata={"doc": "CPU offload"})
     vae: VaeConfig = field(default_factory=VaeConfig, metadata={"doc": "VAE decode: dtype, split over ranks, tiling"})
     comm: CommConfig = field(default_factory=CommConfig, metadata={"doc": "communication settings"})
@@ -267,6 +288,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.model.compile and cfg.offload.dit == "block":
         raise ValueError("model.compile=true with offload.dit=block: the block-offload hooks swap weights "
                          "between calls, which a compiled block would not see; choose one of the two")
+    if cfg.model.compile and cfg.offload.dit == "swap":
+        raise ValueError("model.compile=true with offload.dit=swap: the swap moves the DiT's weights between the "
+                         "host and the GPU, which compiled blocks are not checked against; choose one of the two")
+    if s.boundary_ratio is not None and not 0.0 <= s.boundary_ratio <= 1.0:
+        raise ValueError(f"sample.boundary_ratio = {s.boundary_ratio} must be in [0, 1] (a fraction of the 1000 "
+                         "training timesteps); null takes it from the checkpoint")
+    if s.guidance_scale == 1.0 and s.guidance_scale_2 not in (None, 1.0):
+        raise ValueError(f"sample.guidance_scale_2 = {s.guidance_scale_2} needs the unconditional pass, which "
+                         "sample.guidance_scale = 1.0 turns off (no negative prompt is encoded); set "
+                         "guidance_scale != 1 or guidance_scale_2 = 1")
     if p.cfg_degree == 2 and s.guidance_scale == 1.0:
         raise ValueError("parallel.cfg_degree=2 needs classifier-free guidance, but sample.guidance_scale=1.0 "
                          "skips the unconditional pass; half of the ranks would idle")

@@ -6,6 +6,14 @@ python scripts/bench_e2e.py --config 14b-480p --offload block --lora-rank 64 --d
     (issue 21, 1 GPU: Wan2.1-14B at 480p with DiT block offload and a merged rank-64 LoRA; a whole
      4-step run without CFG next to a whole 40-step CFG run; --cfg-steps N < 40 measures N CFG steps
      and extrapolates, labelled as such)
+python scripts/bench_e2e.py --config a14b --experts 2 --offload block --steps 2 --no-decode
+                                            (Wan2.2-T2V-A14B at 720p on one GPU: two experts, block offload)
+python scripts/bench_e2e.py --config i2v-14b --steps 5    (Wan2.1-I2V-14B at 480p: VAE encode + CLIP ViT-H, DiT)
+
+With --experts 2 the DiT is two experts of the config's shape (Wan2.2 A14B: the high-noise one,
+then the low-noise one); the boundary is put between the two middle steps, so half the measured
+steps run each expert. Each step is timed on its own, and so is the switch (with --offload swap:
+dropping the high-noise expert's device copy and one host-to-device copy of the low-noise one).
 
 Real model sizes, random weights built directly on the device (no checkpoint files), the
 pipeline's own stages (models/t5, pipeline.denoise with UniPC + guidance, models/vae). Prints
@@ -33,11 +41,16 @@ from lightx2v_sp.offload import StageMemory  # noqa: E402
 from lightx2v_sp.models.wan.lora import LoraEntry, merge_lora  # noqa: E402
 from lightx2v_sp.offload import offload_dit_blocks  # noqa: E402
 from lightx2v_sp.pipeline.denoise import denoise  # noqa: E402
+from lightx2v_sp.pipeline.experts import install_experts  # noqa: E402
+from lightx2v_sp.pipeline.image import image_condition  # noqa: E402
+from lightx2v_sp.pipeline.scheduler import make_scheduler  # noqa: E402
 from lightx2v_sp.pipeline.latents import initial_latents, latent_shape  # noqa: E402
 from lightx2v_sp.pipeline.text import TextContexts  # noqa: E402
 
 SIZES = {"1.3b": dict(height=480, width=832, frames=81), "14b": dict(height=720, width=1280, frames=81),
-         "14b-480p": dict(height=480, width=832, frames=81), "tiny": dict(height=64, width=64, frames=9)}
+         "14b-480p": dict(height=480, width=832, frames=81),
+         "a14b": dict(height=720, width=1280, frames=81), "i2v-14b": dict(height=480, width=832, frames=81),
+         "tiny": dict(height=64, width=64, frames=9), "tiny-i2v": dict(height=64, width=64, frames=9)}
 DISTILL_TIMESTEPS = [1000, 750, 500, 250]
 
 
@@ -71,9 +84,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompt-tokens", type=int, default=120, help="real tokens per prompt (of 512)")
-    p.add_argument("--offload", choices=["none", "block"], default="none", help="DiT block offload (offload.dit)")
-    p.add_argument("--lora-rank", type=int, default=0, help="merge a random LoRA of this rank into every block "
-                                                            "linear before offload (0: none)")
+    p.add_argument("--experts", type=int, choices=[1, 2], default=1,
+                   help="2: two experts of this shape switching halfway (Wan2.2 A14B); needs --steps >= 2")
+    p.add_argument("--offload", choices=["none", "block", "swap"], default="none", help="offload.dit")
+    p.add_argument("--no-decode", action="store_true", help="skip the VAE decode (denoising numbers only)")
+    p.add_argument("--lora-rank", type=int, default=0, help="with --distill: merge a random LoRA of this rank "
+                                                            "into every block linear before offload (0: none)")
     p.add_argument("--distill", action="store_true", help="whole 4-step run without CFG (euler, timesteps "
                                                          f"{DISTILL_TIMESTEPS}) next to a whole CFG run")
     p.add_argument("--cfg-steps", type=int, default=40, help="CFG steps measured with --distill (40: no "
@@ -81,17 +97,20 @@ def main() -> None:
     args = p.parse_args()
     if args.distill:
         return distill_main(args)
-    if args.offload != "none" or args.lora_rank:
-        p.error("--offload and --lora-rank belong to --distill")
+    if args.lora_rank:
+        p.error("--lora-rank belongs to --distill")
+    if args.experts == 2 and args.steps < 2:
+        p.error("--experts 2 needs --steps >= 2 (one step per expert at least)")
     device, dtype = torch.device(args.device), torch.bfloat16 if args.device == "cuda" else torch.float32
     size = SIZES[args.config]
-    tiny = args.config == "tiny"
-    wan_cfg = WanConfig.named(args.config)
+    tiny = args.config.startswith("tiny")
+    wan_cfg = (WanConfig.tiny(in_dim=36, model_type="i2v", image_dim=32) if args.config == "tiny-i2v"
+               else WanConfig.named("t2v-a14b" if args.config == "a14b" else args.config))
     t5_cfg = (T5Config(vocab_size=256, d_model=wan_cfg.text_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=4)
               if tiny else T5Config.umt5_xxl())
     cfg = load_config(None, [f"sample.steps={args.steps}", f"sample.height={size['height']}",
                              f"sample.width={size['width']}", f"sample.num_frames={size['frames']}",
-                             "sample.guidance_scale=5.0", "sample.shift=3.0"])
+                             "sample.guidance_scale=5.0", "sample.shift=3.0", f"offload.dit={args.offload}"])
     memory, times = StageMemory(device), {}
 
     def stage(name, fn):
@@ -113,34 +132,126 @@ def main() -> None:
         stage("text (2 prompts)", lambda: encoder(ids, mask))
         context = stage("text (2 prompts)", lambda: encoder(ids, mask))  # second call: warm
         del encoder
-        model = on_device(lambda: WanModel(wan_cfg), device, dtype).set_dtype(dtype).eval()
         # text_dim of umt5-xxl is 4096 = the DiT's text_dim
         contexts = TextContexts(cond=context[:1].to(dtype), uncond=context[1:2].to(dtype), num_tokens=[0, 0])
-        shape = latent_shape(wan_cfg.in_dim, size["frames"], size["height"], size["width"])
+        shape = latent_shape(wan_cfg.out_dim, size["frames"], size["height"], size["width"])
         latents = initial_latents(0, shape, device)
+        image = {}
+        if wan_cfg.model_type == "i2v":
+            vae_encoder, clip, pixels = build_image_encoders(wan_cfg, size, device, dtype, tiny)
+            image["condition"] = stage("image: VAE encode (fp32)", lambda: image_condition(
+                vae_encoder, pixels, size["frames"], device).to(device))
+            if clip is not None:
+                clip_in = torch.randn(1, 3, clip.config.image_size, clip.config.image_size, device=device, dtype=dtype)
+                image["image_context"] = stage("image: CLIP", lambda: clip(
+                    pixel_values=clip_in, output_hidden_states=True).hidden_states[-2])
+            del vae_encoder, clip
         dims = ParallelDims()
-        stage("denoise warm-up (1 step)", lambda: denoise(model, latents, contexts,
-                                                          load_config(None, ["sample.steps=1"]), dims, False))
-        out = stage(f"denoise ({args.steps} steps, CFG)", lambda: denoise(model, latents, contexts, cfg, dims, False))
+        timer: dict = {"steps": [], "switch": None, "last": None}
+        if args.experts == 1 and args.offload == "none":
+            model = on_device(lambda: WanModel(wan_cfg), device, dtype).set_dtype(dtype).eval()
+        else:
+            model, timer = build_experts(args, wan_cfg, cfg, dims, device, dtype)
+        warm = load_config(None, ["sample.steps=1", f"offload.dit={args.offload}"])
+        stage("denoise warm-up (1 step)", lambda: denoise(model, latents, contexts, warm, dims, False, **image))
+        timer.update(steps=[], switch=None, last=None)
+        out = stage(f"denoise ({args.steps} steps, CFG)", lambda: denoise(model, latents, contexts, cfg, dims, False,
+                                                                          **image))
+        if args.experts == 2 or args.offload != "none":
+            model.release()
         del model
         torch.cuda.empty_cache() if device.type == "cuda" else None
+        if args.no_decode:
+            return report(args, size, shape, None, times, memory, device, timer)
         vae_model = on_device(lambda: __import__("diffusers").AutoencoderKLWan(
             **({"base_dim": 16, "z_dim": 16, "num_res_blocks": 1} if tiny else {})), device, torch.float32)
         vae = WanVAE(vae_model.eval())
         video = stage("VAE decode (fp32)", lambda: vae.decode(out, device=device))
+    report(args, size, shape, video, times, memory, device, timer)
+
+
+def build_image_encoders(wan_cfg, size, device, dtype, tiny):
+    """Random Wan VAE (fp32), random CLIP ViT-H/14 vision tower (Wan2.1 I2V only) and a random image."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    vae = WanVAE(on_device(lambda: AutoencoderKLWan(**({"base_dim": 16, "z_dim": 16, "num_res_blocks": 1}
+                                                       if tiny else {})), device, torch.float32).eval())
+    clip = None
+    if wan_cfg.image_dim is not None:
+        vit_h = (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                      patch_size=8) if tiny else
+                 dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                      image_size=224, patch_size=14, hidden_act="gelu"))
+        clip = on_device(lambda: CLIPVisionModel(CLIPVisionConfig(**vit_h)), device, dtype).eval()
+    pixels = torch.rand(1, 3, size["height"], size["width"], device=device) * 2 - 1
+    return vae, clip, pixels
+
+
+def build_experts(args, wan_cfg, cfg, dims, device, dtype):
+    """`args.experts` random DiTs placed per `--offload`, switching halfway through `--steps`, and the
+    timer that their `select` fills as it is called: seconds between steps, and of the switch."""
+    models = []
+    for _ in range(args.experts):
+        model = on_device(lambda: WanModel(wan_cfg), device, dtype).set_dtype(dtype).eval()
+        models.append(model.to("cpu") if args.offload != "none" else model)  # offload places it from the host
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    steps = make_scheduler("unipc", args.steps, cfg.sample.shift).timesteps.tolist()
+    half = args.steps // 2  # the boundary sits between the two middle timesteps
+    boundary = (steps[half - 1] + steps[half]) / 2000 if args.experts == 2 else None
+    experts = install_experts(models, cfg, dims, device, boundary)
+    timer: dict = {"steps": [], "switch": None, "last": None}
+    select = experts.select
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed_select(t):
+        sync()
+        now = time.perf_counter()
+        if timer["last"] is not None:
+            timer["steps"].append(now - timer["last"])
+        before = experts.active
+        chosen = select(t)
+        sync()
+        if before is not None and experts.active != before:
+            timer["switch"] = time.perf_counter() - now
+        timer["last"] = now
+        return chosen
+
+    experts.select = timed_select
+    return experts, timer
+
+
+def report(args, size, shape, video, times, memory, device, timer) -> None:
+    step_times, switch = timer["steps"], timer["switch"]
     per_step = times[f"denoise ({args.steps} steps, CFG)"] / args.steps
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"End to end, Wan2.1-{args.config} shapes with random weights, {size['frames']}x{size['height']}x"
-          f"{size['width']} -> latents {list(shape)}, video {list(video.shape)}, {where}, torch {torch.__version__}\n")
+    what = (f"Wan2.2-A14B-style two experts of Wan2.1-{'14b' if args.config == 'a14b' else args.config}"
+            if args.experts == 2 else f"Wan2.1-{args.config}")
+    video_shape = list(video.shape) if video is not None else "not decoded"
+    print(f"End to end, {what} shapes with random weights, offload.dit={args.offload}, {size['frames']}x"
+          f"{size['height']}x{size['width']} -> latents {list(shape)}, video {video_shape}, {where}, "
+          f"torch {torch.__version__}\n")
     print("| stage | seconds | peak GiB |")
     print("|---|---:|---:|")
     peaks = memory.as_dict()
     for name, t in times.items():
         peak = (peaks.get(name) or {}).get("allocated_bytes")
         print(f"| {name} | {t:.2f} | {peak / 2**30 if peak else float('nan'):.2f} |")
-    total50 = times["text (2 prompts)"] + 50 * per_step + times["VAE decode (fp32)"]
     print(f"| seconds per denoising step (2 DiT forwards) | {per_step:.3f} | |")
-    print(f"| 50-step run, extrapolated: text + 50 x step + decode | {total50:.1f} | |")
+    if step_times:
+        # the last step ends with the denoise stage: its time is the stage's remainder
+        last = times[f"denoise ({args.steps} steps, CFG)"] - sum(step_times)
+        for i, t in enumerate([*step_times, last]):
+            print(f"| step {i + 1} (expert {'high' if i < args.steps // 2 else 'low'}-noise) | {t:.3f} | |")
+    if switch is not None:
+        print(f"| expert switch (included in its step) | {switch:.3f} | |")
+    if video is not None:
+        total50 = times["text (2 prompts)"] + 50 * per_step + times["VAE decode (fp32)"]
+        print(f"| 50-step run, extrapolated: text + 50 x step + decode | {total50:.1f} | |")
 
 
 def distill_main(args) -> None:

@@ -113,3 +113,18 @@ def test_compile_and_block_offload_are_exclusive():
     assert load_config(None, ["model.compile=true"]).model.compile is True
     with pytest.raises(ValueError, match="model.compile=true with offload.dit=block"):
         load_config(None, ["model.compile=true", "offload.dit=block"])
+
+
+def test_expert_and_image_keys():
+    cfg = load_config(None, ["image=frame.png", "sample.guidance_scale_2=3.0", "sample.boundary_ratio=0.9",
+                             "offload.dit=swap", "image_encoder.device=swap", "model.tiny=wan2.2-i2v-a14b"])
+    assert cfg.image == "frame.png" and cfg.sample.guidance_scale_2 == 3.0 and cfg.sample.boundary_ratio == 0.9
+    assert cfg.sample.image_resize == "stretch"  # diffusers' default
+    with pytest.raises(ValueError, match="model.compile=true with offload.dit=swap"):
+        load_config(None, ["model.compile=true", "offload.dit=swap"])
+    with pytest.raises(ValueError, match="boundary_ratio = 1.5 must be in"):
+        load_config(None, ["sample.boundary_ratio=1.5"])
+    with pytest.raises(ValueError, match="guidance_scale_2 = 3.0 needs the unconditional pass"):
+        load_config(None, ["sample.guidance_scale=1.0", "sample.guidance_scale_2=3.0"])
+    with pytest.raises(ValueError, match="is not one of"):
+        load_config(None, ["sample.image_resize=pad"])

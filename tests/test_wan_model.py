@@ -45,6 +45,13 @@ def diffusers_model(cfg: WanConfig, seed: int = 0):
     return randomize_(WanTransformer3DModel(**kwargs), seed).eval()
 
 
+def token_timesteps(t: torch.Tensor, grid=(5, 5, 7)) -> torch.Tensor:
+    """[B] -> [B, S] per-token timesteps as Wan2.2 TI2V uses them: 0 on the first latent frame, t after."""
+    ts = t[:, None, None, None].expand(-1, *grid).clone()
+    ts[:, 0] = 0
+    return ts.flatten(1)
+
+
 def make_inputs(cfg: WanConfig, batch: int = 1, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *LATENT, generator=gen)
@@ -112,7 +119,8 @@ def test_bf16_close_to_fp32_and_keeps_fp32_tables(reference):
 def test_named_configs_match_diffusers_parameter_count():
     from diffusers import WanTransformer3DModel
 
-    for cfg, billions in ((WanConfig.t2v_1_3b(), 1.3), (WanConfig.t2v_14b(), 14.0)):
+    for cfg, billions in ((WanConfig.t2v_1_3b(), 1.3), (WanConfig.t2v_14b(), 14.0), (WanConfig.ti2v_5b(), 5.0),
+                          (WanConfig.i2v_14b(), 16.4), (WanConfig.i2v_a14b(), 14.3)):
         with torch.device("meta"):
             ours = WanModel(cfg)
             theirs = WanTransformer3DModel(**{k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"})
@@ -126,7 +134,10 @@ def test_config_errors():
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         WanConfig(dim=100, num_heads=12)
     with pytest.raises(ValueError, match="only text-to-video"):
-        WanConfig(model_type="i2v")
+        WanConfig(model_type="ti2v")
+    with pytest.raises(ValueError, match="noise \\+ 4 mask \\+ image latent channels = 36"):
+        WanConfig(model_type="i2v")  # an I2V DiT with T2V's 16 input channels
+    assert WanConfig(model_type="i2v", in_dim=36).condition_dim == 20
     with pytest.raises(ValueError, match="unknown Wan config"):
         WanConfig.named("7b")
 
@@ -157,3 +168,57 @@ def test_attention_entry_point_is_replaceable(reference):
     with torch.no_grad():
         model(x, t, ctx)
     assert seen == [(1, 175, cfg.num_heads, cfg.head_dim)]
+
+
+def test_wan21_i2v_clip_branch_matches_diffusers_fp32(tmp_path):
+    """Wan2.1 I2V: 36 input channels and CLIP image tokens through img_emb and the k_img/v_img branch.
+
+    diffusers' attention takes the last 512 context tokens as text and the ones before as image
+    tokens, so the text context here is 512 long (Wan's text_len)."""
+    cfg = tiny_config(model_type="i2v", in_dim=36, image_dim=24)
+    ref = diffusers_model(cfg, seed=3)
+    ref.save_pretrained(tmp_path / "diffusers")
+    model = WanModel.from_pretrained(tmp_path / "diffusers")
+    assert model.config.image_dim == 24 and model.config.model_type == "i2v"
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 36, *LATENT[1:], generator=gen)
+    t = torch.tensor([900.0, 3.0])
+    ctx = torch.randn(2, 512, cfg.text_dim, generator=gen)
+    img = torch.randn(2, 9, 24, generator=gen)
+    with torch.no_grad():
+        expected = ref(x, t, ctx, encoder_hidden_states_image=img, return_dict=False)[0]
+        out = model(x, t, ctx, img)
+        without_image = ref(x, t, ctx, encoder_hidden_states_image=torch.zeros_like(img), return_dict=False)[0]
+    assert (expected - without_image).abs().max() > 0.05  # the image branch matters in this comparison
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    # the official layout (img_emb.proj.*, cross_attn.k_img/v_img/norm_k_img) round-trips, image_dim read off
+    # the weights (the official config.json does not carry it)
+    model.save_pretrained(tmp_path / "official", layout="official")
+    again = WanModel.from_pretrained(tmp_path / "official")
+    assert again.config.image_dim == 24
+    with torch.no_grad():
+        assert torch.equal(again(x, t, ctx, img), out)
+    with pytest.raises(ValueError, match="image_context is missing"):
+        model(x, t, ctx)
+
+
+def test_wan22_ti2v_per_token_timesteps_match_diffusers_fp32(tmp_path):
+    """Wan2.2 TI2V-5B's DiT: 48 latent channels in and out, one timestep per token (expand_timesteps)."""
+    cfg = tiny_config(in_dim=48, out_dim=48)
+    ref = diffusers_model(cfg, seed=6)
+    ref.save_pretrained(tmp_path)
+    model = WanModel.from_pretrained(tmp_path)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 48, *LATENT[1:], generator=gen)
+    t = token_timesteps(torch.tensor([900.0, 125.5]))
+    ctx = torch.randn(2, TEXT_LEN, cfg.text_dim, generator=gen)
+    expected = diffusers_forward(ref, x, t, ctx)
+    with torch.no_grad():
+        out = model(x, t, ctx)
+        same_t = model(x, t[:, -1:].expand(-1, t.shape[1]), ctx)  # every token at t == one timestep per sample
+        per_sample = model(x, t[:, -1], ctx)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(same_t, per_sample, atol=ATOL, rtol=0)
+    assert (out - per_sample).abs().max() > 0.05  # the first frame's timestep 0 matters
+    with pytest.raises(ValueError, match="per-token timesteps must be"):
+        model(x, t[:, 1:], ctx)

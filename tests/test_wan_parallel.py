@@ -11,7 +11,7 @@ import torch
 from lightx2v_sp.distributed import ParallelDims, split_sizes
 from lightx2v_sp.distributed.comm_stats import CommStats
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
-from test_wan_model import ATOL, diffusers_forward, diffusers_model, make_inputs, tiny_config
+from test_wan_model import ATOL, diffusers_forward, diffusers_model, make_inputs, tiny_config, token_timesteps
 
 VARIANTS = list(itertools.product(("all_to_all", "round_robin"), (True, False), (None, "fp8")))
 ids = [f"{a}-{'fused' if f else 'split'}-{c or 'native'}" for a, f, c in VARIANTS]
@@ -26,6 +26,9 @@ def _rank_fn(rank, world, ckpt, inputs):
         with torch.no_grad(), stats.record():
             out = model(*inputs)
         results[(a2a, fuse, comm)] = (out, stats.as_dict())
+    with torch.no_grad():  # Wan2.2 TI2V: per-token timesteps are cut with the tokens
+        x, t, ctx = inputs
+        results["per_token"] = parallelize_wan(WanModel.from_pretrained(ckpt), dims)(x, token_timesteps(t), ctx)
     errors = {}
     try:
         parallelize_wan(model, dims)
@@ -58,6 +61,19 @@ def ranks(request, reference):
 
     _, path, inputs, _, _ = reference
     return request.param, run_on_ranks(_rank_fn, request.param, str(path), inputs, timeout=120)
+
+
+def test_per_token_timesteps_match_diffusers(reference, ranks):
+    """[B, S] timesteps (0 on the first latent frame) split like the tokens: 88/87 and 59/58/58 tokens,
+    so the frame-0 tokens (the first 35) sit on rank 0 only and the cut runs through frame 2 or 1."""
+    cfg, path, (x, t, ctx), _, _ = reference
+    from diffusers import WanTransformer3DModel
+
+    theirs = diffusers_forward(WanTransformer3DModel.from_pretrained(path).eval(), x, token_timesteps(t), ctx)
+    world, per_rank = ranks
+    out = per_rank[0][0]["per_token"]
+    assert all(torch.equal(r[0]["per_token"], out) for r in per_rank[1:])
+    torch.testing.assert_close(out, theirs, atol=ATOL, rtol=0)  # same math as one process; see ATOL
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=ids)

@@ -229,6 +229,17 @@ class WanVAE:
         return next(self.vae.parameters()).dtype
 
     @torch.no_grad()
+    def encode(self, video: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+        """video [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, z, 1 + (F-1)/4, H/8, W/8], fp32.
+
+        The posterior's mode (its mean), as diffusers' Wan I2V pipeline takes it: no sampling noise.
+        """
+        device = device or video.device
+        posterior = self.vae.encode(video.to(device=device, dtype=self.dtype), return_dict=False)[0]
+        z = posterior.mode().float()
+        return (z - self.mean.to(z.device)) / self.std.to(z.device)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
         """latents [B, z, F, H, W] (normalised) -> video [B, 3, 4(F-1)+1, 8H, 8W] in [-1, 1], fp32."""
         device = device or latents.device

@@ -14,31 +14,34 @@ from lightx2v_sp.attention.options import UlyssesOptions
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
 from lightx2v_sp.offload import offload_dit_blocks
 
+from .experts import Experts
 from .finite import check_latents
 from .guidance import guided_prediction
 from .loras import apply_loras
 from .scheduler import make_scheduler
 
 
-def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype) -> WanModel:
-    """The DiT on `device`; on the CPU with offload.dit=block (the offload streams its blocks later).
+def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: str | None = None) -> WanModel:
+    """One DiT (of one or two experts) on `device`; on the CPU with offload.dit=block or swap (the
+    offload places it later).
 
-    `lora:` entries are merged here, before install_parallel lays the weights out. With
-    offload.share_host, ranks other than their node's local rank 0 do not read the blocks at
-    all: local rank 0's shared host copy (with the LoRAs merged) supplies them
-    (offload/shared_host.py), so the node reads and holds the 14B blocks once.
-    `model.blocks_loaded` tells install_parallel which case it is.
+    `lora:` entries (those for `expert`, on a two-expert model) are merged here, before
+    install_parallel lays the weights out. With offload.dit=block and offload.share_host, ranks other
+    than their node's local rank 0 do not read the blocks at all: local rank 0's shared host copy
+    (with the LoRAs merged) supplies them (offload/shared_host.py), so the node reads and holds the
+    blocks once. `model.blocks_loaded` tells install_parallel which case it is.
     """
     if cfg.offload.dit != "block":
-        model = WanModel.from_pretrained(path, dtype=dtype, device=device)
-        model.lora_summary = apply_loras(model, cfg, device)
+        on_host = cfg.offload.dit == "swap"
+        model = WanModel.from_pretrained(path, dtype=dtype, device="cpu" if on_host else device)
+        model.lora_summary = apply_loras(model, cfg, device, expert)
         return model
     from_peer = _blocks_from_local_rank0(cfg, device, dtype)
     model = WanModel.from_pretrained(path, dtype=dtype, device="cpu",
                                      skip=(lambda name: name.startswith("blocks.")) if from_peer else None)
     model.blocks_loaded = not from_peer
     # a rank that skipped the blocks merges only what it holds; local rank 0 merges the shared blocks
-    model.lora_summary = apply_loras(model, cfg, device, skip_blocks=from_peer)
+    model.lora_summary = apply_loras(model, cfg, device, expert, skip_blocks=from_peer)
     return model
 
 
@@ -55,12 +58,15 @@ def _blocks_from_local_rank0(cfg, device: torch.device, dtype: torch.dtype) -> b
     return _shm_free_bytes() >= needed
 
 
-def install_parallel(model: WanModel, cfg, dims, device: torch.device):
-    """Ulysses attention per `parallel.*`, then block offload (which must come after it)."""
+def install_parallel(model: WanModel, cfg, dims, device: torch.device, transport=None):
+    """Ulysses attention per `parallel.*`, then block offload (which must come after it); the block
+    offload handle or None. offload.dit=swap is placed by experts.install_experts."""
     parallelize_wan(model, dims, options=UlyssesOptions.from_config(cfg))
     if cfg.offload.dit == "block":
-        return offload_dit_blocks(model, device, share_host=cfg.offload.share_host,
+        return offload_dit_blocks(model, device, transport=transport, share_host=cfg.offload.share_host,
                                   weights_loaded=getattr(model, "blocks_loaded", True))
+    if cfg.offload.dit == "swap":
+        return None
     if cfg.model.compile:
         for block in model.blocks:  # identical blocks share one compiled graph (parameters are inputs)
             block.compile(dynamic=False)
@@ -68,31 +74,65 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device):
 
 
 @torch.no_grad()
-def denoise(model: WanModel, latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
-            stats: dict | None = None) -> torch.Tensor:
+def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
+            condition: torch.Tensor | None = None, image_context: torch.Tensor | None = None,
+            first_frame: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
     """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32).
 
-    `stats` (optional) receives this rank's DiT forward count and the timesteps it ran.
+    `model` is one DiT or the `Experts` of a two-expert model (which one runs, and its guidance
+    scale, depends on the timestep). `condition` [B, 4 + z, F, H, W] (I2V: mask + image latents)
+    is concatenated after the latents on the channel axis at every step; `image_context`
+    [B, L, width] (Wan2.1 I2V: CLIP tokens) goes to the DiT's image branch, the same for both passes.
+    `first_frame` [B, z, 1, H, W] (Wan2.2 TI2V with an image) replaces the first latent frame of every
+    DiT input and of the result, and its tokens get timestep 0 (the others t), as diffusers'
+    expand_timesteps does. `stats` (optional) receives this rank's DiT forward count and the
+    timesteps it ran.
     """
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift, timesteps=s.timesteps)
+    experts = model if isinstance(model, Experts) else Experts([model], [s.guidance_scale], None)
     batch = latents.shape[0]
-    forwards = 0
-
-    def forward(context):
-        nonlocal forwards
-        forwards += 1
-        return model(latents, timestep, context)
-
     num_steps = len(scheduler.timesteps)
+    forwards = 0
     # `with`: an error or a signal mid-loop still ends the bar's line, so the error starts its own
     with tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True) as bar:
         for step, t in enumerate(bar, start=1):
+            dit, scale = experts.select(t)
             timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
-            velocity = guided_prediction(forward, contexts.cond, contexts.uncond, s.guidance_scale, dims)
+            x = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=1)
+            if first_frame is not None:
+                x = with_first_frame(latents, first_frame)
+                timestep = token_timesteps(timestep, latents.shape[2:], dit.config.patch_size)
+            extra = () if image_context is None else (image_context,)
+
+            def forward(context):
+                nonlocal forwards
+                forwards += 1
+                return dit(x, timestep, context, *extra)
+
+            velocity = guided_prediction(forward, contexts.cond, contexts.uncond, scale, dims)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             check_latents(latents, step, num_steps)
+    if first_frame is not None:
+        latents = with_first_frame(latents, first_frame)
     if stats is not None:
         stats.update(dit_forwards=forwards, steps=num_steps,
                      timesteps=[round(float(t), 3) for t in scheduler.timesteps])
     return latents.float()
+
+
+def with_first_frame(latents: torch.Tensor, first_frame: torch.Tensor) -> torch.Tensor:
+    """`latents` [B, z, F, H, W] with latent frame 0 replaced by `first_frame` [B, z, 1, H, W]."""
+    return torch.cat([first_frame.to(latents.dtype).expand(latents.shape[0], -1, -1, -1, -1), latents[:, :, 1:]],
+                     dim=2)
+
+
+def token_timesteps(timestep: torch.Tensor, latent_grid, patch_size) -> torch.Tensor:
+    """[B] -> [B, S]: t for every token, 0 for the tokens of the first latent frame (known, not noised)."""
+    if patch_size[0] != 1:
+        raise ValueError(f"a first-frame image needs one latent frame per token frame; the DiT patches "
+                         f"{patch_size[0]} latent frames together")
+    f, h, w = (n // p for n, p in zip(latent_grid, patch_size))
+    ts = timestep[:, None, None, None].expand(-1, f, h, w).clone()
+    ts[:, 0] = 0
+    return ts.flatten(1)

@@ -6,7 +6,9 @@ official (Wan-AI/Wan2.1-T2V-*):          diffusers (Wan-AI/Wan2.1-T2V-*-Diffuser
   models_t5_umt5-xxl-enc-bf16.pth  UMT5     text_encoder/  UMT5
   google/umt5-xxl/            tokenizer     tokenizer/
   Wan2.1_VAE.pth              VAE           vae/
-Each component is looked up in either place (the embedded tiny model mixes them), and
+Wan2.2 A14B keeps two DiTs (experts): official high_noise_model/ + low_noise_model/, diffusers
+transformer/ + transformer_2/ (named in model_index.json); `dit` is the high-noise one, `dit_2`
+the low-noise one. Each component is looked up in either place (the embedded tiny model mixes them), and
 `model.text_encoder_path` / `tokenizer_path` / `vae_path` override the lookup one by one.
 Any of them may be a Hugging Face repo id instead of a directory (hub.py fetches it).
 """
@@ -22,6 +24,7 @@ T5_OFFICIAL = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_OFFICIAL = "Wan2.1_VAE.pth"
 TOKENIZER_OFFICIAL = os.path.join("google", "umt5-xxl")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+HIGH_NOISE_DIR, LOW_NOISE_DIR = "high_noise_model", "low_noise_model"
 
 
 @dataclass
@@ -33,6 +36,7 @@ class ModelPaths:
     tokenizer: str
     vae: str
     num_heads: int             # DiT attention heads (read from its config, for the layout check)
+    dit_2: Optional[str] = None  # the low-noise expert of a two-expert (Wan2.2 A14B) model
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,9 +69,35 @@ def _find_dit(root: str, problems: list[str]) -> tuple[Optional[str], str, int]:
             return sub, "diffusers", int(cfg["num_attention_heads"])
         problems.append(f"DiT weights diffusion_pytorch_model*.safetensors in {sub}")
         return None, "diffusers", 0
+    high = os.path.join(root, HIGH_NOISE_DIR)
+    cfg = _read_json(os.path.join(high, "config.json"))
+    if cfg is not None and "num_heads" in cfg:
+        if _has_weights(high):
+            return high, "official", int(cfg["num_heads"])
+        problems.append(f"DiT weights diffusion_pytorch_model*.safetensors in {high}")
+        return None, "official", 0
     problems.append(f"a DiT: config.json + diffusion_pytorch_model.safetensors in {root} (official) "
                     f"or in {sub} (diffusers)")
     return None, "", 0
+
+
+def _find_second_expert(root: str, dit: Optional[str], layout: str, problems: list[str]) -> Optional[str]:
+    """The low-noise expert's directory when the checkpoint names one (None for one-DiT models)."""
+    if dit is None:
+        return None
+    if layout == "official":
+        if os.path.basename(dit) != HIGH_NOISE_DIR:
+            return None
+        low = os.path.join(root, LOW_NOISE_DIR)
+    else:
+        entry = (_read_json(os.path.join(root, "model_index.json")) or {}).get("transformer_2")
+        if not entry or entry[0] is None:
+            return None
+        low = os.path.join(root, "transformer_2")
+    if _has_weights(low) and _read_json(os.path.join(low, "config.json")) is not None:
+        return low
+    problems.append(f"the low-noise expert: config.json + diffusion_pytorch_model*.safetensors in {low}")
+    return None
 
 
 def _first(candidates: list[str], ok) -> Optional[str]:
@@ -102,6 +132,7 @@ def resolve_model_paths(root: str, text_encoder_path: Optional[str] = None, toke
                          "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or set model.path=null for the tiny model")
     problems: list[str] = []
     dit, layout, heads = _find_dit(root, problems)
+    dit_2 = _find_second_expert(root, dit, layout, problems)
 
     def pick(override, candidates, ok, what):
         if override is not None:
@@ -124,7 +155,7 @@ def resolve_model_paths(root: str, text_encoder_path: Optional[str] = None, toke
         raise ValueError(f"model directory {root} is incomplete; missing: " + "; ".join(problems)
                          + ". Nothing was loaded")
     return ModelPaths(root=root, dit=dit, dit_layout=layout, text_encoder=t5, tokenizer=tok, vae=vae,
-                      num_heads=heads)
+                      num_heads=heads, dit_2=dit_2)
 
 
 def model_paths_for(cfg_model) -> ModelPaths:
@@ -135,7 +166,7 @@ def model_paths_for(cfg_model) -> ModelPaths:
     if cfg_model.path is None:
         from lightx2v_sp.models.tiny import ensure_tiny_model
 
-        root = ensure_tiny_model()
+        root = ensure_tiny_model(variant=getattr(cfg_model, "tiny", "wan2.1-t2v"))
     else:  # a local directory, or a Hugging Face repo id fetched into the hub cache (hub.py)
         root = resolve_path(cfg_model.path, "model", revision)
     main_repo = (split_repo_id(cfg_model.path) or (None,))[0] if cfg_model.path else None

@@ -28,15 +28,19 @@ from lightx2v_sp.offload import StageMemory
 from lightx2v_sp.plan import check_before_loading, plan_summary
 
 from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
+from .conditioning import image_inputs, needs_image_stage
 from .decode import decode_rows, gather_video, vae_on_every_rank
-from .denoise import denoise, install_parallel, load_dit
+from .denoise import denoise
 from .effective import effective_layout
+from .experts import install_experts, load_experts
 from .finite import check_video
-from .latents import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, initial_latents, latent_shape
+from .image import open_image
+from .kind import boundary_ratio, check_inputs, detect_kind
+from .latents import initial_latents, latent_shape
 from .loading import load_checked
 from .loras import check_loras
 from .output import check_ours, check_video_writer, check_writable, summary_path, write_summary, write_video
-from .paths import ModelPaths, model_paths_for
+from .paths import model_paths_for
 from .rank0_stage import rank0_stage
 from .text import check_text_encoder_layout, encode_prompts
 
@@ -80,7 +84,7 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
+def _preflight(cfg, device: torch.device):
     world, rank = _world()
     out = None
     if rank == 0:  # cheapest first
@@ -91,7 +95,11 @@ def _preflight(cfg, device: torch.device) -> tuple[ModelPaths, Optional[str]]:
     check_loras(cfg)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
     check_before_loading(cfg, device, world, rank, paths.root)  # CUDA only: the plan against free memory
-    return paths, out
+    kind = detect_kind(paths)
+    check_inputs(kind, cfg)
+    if cfg.image is not None and rank == 0:  # rank 0 encodes it
+        open_image(cfg.image)
+    return paths, out, kind
 
 
 def _ulysses(cfg) -> int:
@@ -120,7 +128,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     split_decode = vae_on_every_rank(cfg.vae, world)
 
     with stages("preflight"):
-        paths, out_path = agreed("preflight", lambda: _preflight(cfg, device))
+        paths, out_path, kind = agreed("preflight", lambda: _preflight(cfg, device))
         dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s)
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
@@ -130,34 +138,38 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     with stages("load"):
         def load():
-            model = load_checked("DiT", paths.dit, lambda: load_dit(paths.dit, cfg, device, dtype))
+            models = load_checked("DiT", paths.dit, lambda: load_experts(kind.experts, cfg, device, dtype))
+            model = models[0]
             vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
                                weights=lambda v: v.vae) if rank == 0 or split_decode else None
-            if vae is not None and vae.z_dim != model.config.in_dim:
+            if vae is not None and vae.z_dim != model.config.out_dim:
                 raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
-                                 f"{paths.dit} takes in_dim={model.config.in_dim}; they are not one model")
-            if vae is not None and (vae.temporal_stride, vae.spatial_stride) != (VAE_TEMPORAL_STRIDE,
-                                                                                 VAE_SPATIAL_STRIDE):
+                                 f"{paths.dit} denoises out_dim={model.config.out_dim}; they are not one model")
+            if vae is not None and (vae.temporal_stride, vae.spatial_stride) != kind.vae_strides:
                 raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
-                                 f"{vae.spatial_stride}; Wan2.1's VAE (4 x 8) is the only one supported")
+                                 f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
             # before the progress bar: `auto` logs its pick here, and the summary records it
             kernel = resolve_backend(cfg.attention.backend, device, dtype, model.config.dim // model.config.num_heads)
-            return model, vae, kernel
-        model, vae, kernel = agreed("loading the DiT", load)
-        offload = install_parallel(model, cfg, dims, device)
+            return models, vae, kernel
+        models, vae, kernel = agreed("loading the DiT", load)
+        experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
 
     s = cfg.sample
-    shape = latent_shape(model.config.in_dim, s.num_frames, s.height, s.width)
+    shape = latent_shape(experts.config.out_dim, s.num_frames, s.height, s.width, *kind.vae_strides)
+    image = {}
+    if needs_image_stage(kind, cfg):
+        with stages("image"):
+            image = image_inputs(cfg, kind, vae, shape, experts.config.condition_dim, device, dtype, world, rank)
     denoise_stats: dict = {}
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
-        latents = denoise(model, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
-                          stats=denoise_stats)
-    lora_summary = getattr(model, "lora_summary", [])
-    if offload is not None:
-        offload.release_buffers()
+        latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
+                          stats=denoise_stats, **image)
+    experts.release()
+    lora_summary = [entry for m in models for entry in getattr(m, "lora_summary", [])]
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
-    del model, contexts
+    experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
+    del models, experts, contexts, image
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -201,6 +213,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
         result.summary["lora"] = lora_summary
+        result.summary["experts"] = experts_summary
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
         result.summary["memory_plan"] = plan_summary(cfg, world, root=paths.root)

@@ -11,6 +11,7 @@ import re
 _FUSED = {
     "self_attn.qkv.": ("self_attn.q.", "self_attn.k.", "self_attn.v."),
     "cross_attn.kv.": ("cross_attn.k.", "cross_attn.v."),
+    "cross_attn.kv_img.": ("cross_attn.k_img.", "cross_attn.v_img."),
 }
 
 # official -> diffusers, by prefix; block keys are matched after "blocks.N."
@@ -23,6 +24,11 @@ _TOP = {
     "time_projection.1.": "condition_embedder.time_proj.",
     "head.head.": "proj_out.",
     "head.modulation": "scale_shift_table",
+    # Wan2.1 I2V image embedder
+    "img_emb.proj.0.": "condition_embedder.image_embedder.norm1.",
+    "img_emb.proj.1.": "condition_embedder.image_embedder.ff.net.0.proj.",
+    "img_emb.proj.3.": "condition_embedder.image_embedder.ff.net.2.",
+    "img_emb.proj.4.": "condition_embedder.image_embedder.norm2.",
 }
 _BLOCK = {
     "self_attn.q.": "attn1.to_q.",
@@ -37,6 +43,9 @@ _BLOCK = {
     "cross_attn.o.": "attn2.to_out.0.",
     "cross_attn.norm_q.": "attn2.norm_q.",
     "cross_attn.norm_k.": "attn2.norm_k.",
+    "cross_attn.k_img.": "attn2.add_k_proj.",
+    "cross_attn.v_img.": "attn2.add_v_proj.",
+    "cross_attn.norm_k_img.": "attn2.norm_added_k.",
     # official norm3 is the (affine) cross-attention norm; diffusers calls it norm2
     "norm3.": "norm2.",
     "ffn.0.": "ffn.net.0.proj.",

@@ -7,6 +7,7 @@ wrong shape) from the file headers before a byte of weights is read.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -120,6 +121,9 @@ def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None) ->
     root, layout, cfg, files = resolve_checkpoint(path)
     config = WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
     where, shapes, dtypes = _read_headers(files)
+    if layout == "official" and "img_emb.proj.0.weight" in shapes and config.image_dim is None:
+        # Wan2.1 I2V: the official config does not say how wide the CLIP tokens are; the weights do
+        config = dataclasses.replace(config, image_dim=shapes["img_emb.proj.0.weight"][0])
     if dtype is None:  # keep what the checkpoint stores
         first = native_pieces("patch_embedding.weight", config.dim, layout)[0][0]
         dtype = dtypes.get(first, torch.float32)

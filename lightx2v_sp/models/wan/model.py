@@ -38,8 +38,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def modulation(table: torch.Tensor, e: torch.Tensor, scale_rows: tuple[int, ...], dtype: torch.dtype):
-    """Rows of `table + e` as [B, 1, dim] tensors in `dtype`; `scale_rows` hold 1 + scale."""
-    m = (table + e).unsqueeze(2)  # fp32 [B, rows, 1, dim]
+    """Rows of `table + e` in `dtype`; `scale_rows` hold 1 + scale.
+
+    e [B, rows, dim] (one timestep per sample) -> [B, 1, dim] each; e [B, S, rows, dim] (one per
+    token, Wan2.2 TI2V) -> [B, S, dim] each.
+    """
+    m = table + e
+    m = m.movedim(2, 1) if m.ndim == 4 else m.unsqueeze(2)  # fp32 [B, rows, S or 1, dim]
     m[:, list(scale_rows)] += 1
     return m.to(dtype).unbind(1)
 
@@ -77,6 +82,19 @@ class PatchEmbed(nn.Module):
         x = x.view(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
         x = x.reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
         return F.linear(x, self.weight.flatten(1), self.bias)
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens [B, L, image_dim] -> [B, L, dim] (official `img_emb.proj`: LN, Linear, GELU,
+    Linear, LN; indices 0, 1, 3, 4 hold weights)."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, image_dim), nn.GELU(),
+                                  nn.Linear(image_dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -124,7 +142,10 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool):
+    """Attention to the text tokens; with `image_context`, a second key/value branch (`kv_img`,
+    Wan2.1 I2V) attends to the embedded CLIP tokens with the same queries, and the two results add."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool, image_branch: bool = False):
         super().__init__()
         self.dim, self.num_heads = dim, num_heads
         self.q = nn.Linear(dim, dim)
@@ -132,16 +153,25 @@ class CrossAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        if image_branch:
+            self.kv_img = nn.Linear(dim, 2 * dim)
+            self.norm_k_img = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.attn_fn = default_attn_fn()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
+    def _heads(self, kv: torch.Tensor, norm_k: nn.Module):
+        b, n, _ = kv.shape
+        k, v = kv.split(self.dim, dim=-1)
         hd = self.dim // self.num_heads
-        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, hd)
-        k, v = self.kv(context).split(self.dim, dim=-1)
-        k = self.norm_k(k).view(b, context.shape[1], self.num_heads, hd)
-        v = v.view(b, context.shape[1], self.num_heads, hd)
-        return self.o(self.attn_fn(q, k, v).flatten(2))
+        return norm_k(k).view(b, n, self.num_heads, hd), v.view(b, n, self.num_heads, hd)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, self.dim // self.num_heads)
+        out = self.attn_fn(q, *self._heads(self.kv(context), self.norm_k))
+        if image_context is not None:
+            out = out + self.attn_fn(q, *self._heads(self.kv_img(image_context), self.norm_k_img))
+        return self.o(out.flatten(2))
 
 
 class FeedForward(nn.Sequential):
@@ -170,17 +200,18 @@ class WanBlock(nn.Module):
         self.eps = eps
         self.self_attn = SelfAttention(dim, config.num_heads, eps, config.qk_norm)
         self.norm3 = nn.LayerNorm(dim, eps=eps) if config.cross_attn_norm else nn.Identity()
-        self.cross_attn = CrossAttention(dim, config.num_heads, eps, config.qk_norm)
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps, config.qk_norm, config.image_dim is not None)
         self.ffn = FeedForward(dim, config.ffn_dim)
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e0, context, rope):
-        """x [B, S, dim]; e0 fp32 [B, 6, dim] (time projection); context [B, L, dim]; rope for S tokens."""
+    def forward(self, x, e0, context, rope, image_context=None):
+        """x [B, S, dim]; e0 fp32 [B, 6, dim] (time projection); context [B, L, dim]; rope for S tokens;
+        image_context [B, L_img, dim] (embedded CLIP tokens) for Wan2.1 I2V, else None."""
         shift, scale, gate, c_shift, c_scale, c_gate = modulation(self.modulation, e0, (1, 4), x.dtype)
         shape = x.shape[-1:]
         y = self.self_attn(torch.addcmul(shift, F.layer_norm(x, shape, eps=self.eps), scale), rope)
         x = torch.addcmul(x, y, gate)
-        x = x + self.cross_attn(self.norm3(x), context)
+        x = x + self.cross_attn(self.norm3(x), context, image_context)
         y = self.ffn(torch.addcmul(c_shift, F.layer_norm(x, shape, eps=self.eps), c_scale))
         return torch.addcmul(x, y, c_gate)
 
@@ -193,7 +224,7 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # [B, S, dim] -> [B, S, C*pt*ph*pw]
-        shift, scale = modulation(self.modulation, temb[:, None], (1,), x.dtype)
+        shift, scale = modulation(self.modulation, temb.unsqueeze(-2), (1,), x.dtype)  # temb [B, dim] or [B, S, dim]
         return self.head(torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=self.eps), scale))
 
 
@@ -210,6 +241,8 @@ class WanModel(nn.Module):
                                             nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if config.image_dim is not None:  # Wan2.1 I2V: CLIP tokens -> LayerNorm, MLP (exact GELU), LayerNorm
+            self.img_emb = ImageEmbedding(config.image_dim, dim)
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
 
@@ -236,23 +269,37 @@ class WanModel(nn.Module):
                 default_attn_fn(backend)
             block.cross_attn.attn_fn = default_attn_fn(backend)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                image_context: torch.Tensor | None = None) -> torch.Tensor:
+        """`timestep` [B], or [B, S] with one timestep per token (Wan2.2 TI2V: 0 on the given first frame);
+        `image_context` [B, L_img, image_dim]: the CLIP image tokens, for (and only for) Wan2.1 I2V."""
         cfg = self.config
+        if (image_context is None) != (cfg.image_dim is None):
+            raise ValueError(f"image_context is {'missing' if image_context is None else 'given'}, but this DiT "
+                             f"{'has' if cfg.image_dim else 'has no'} a CLIP image branch (image_dim={cfg.image_dim})")
         if x.ndim != 5 or x.shape[1] != cfg.in_dim:
             raise ValueError(f"latents must be [B, {cfg.in_dim}, F, H, W], got {tuple(x.shape)}")
         if any(n % p for n, p in zip(x.shape[2:], cfg.patch_size)):
             raise ValueError(f"latent frames/height/width {tuple(x.shape[2:])} must be multiples of the patch "
                              f"size {cfg.patch_size}; the last partial patch would be dropped")
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
+        if timestep.ndim == 2 and tuple(timestep.shape) != (x.shape[0], math.prod(grid)):
+            raise ValueError(f"per-token timesteps must be [B, tokens] = [{x.shape[0]}, {math.prod(grid)}], got "
+                             f"{tuple(timestep.shape)}")
         dtype = self.dtype
         tokens = self.patch_embedding(x.to(dtype))  # [B, S, dim]
         rope = self.rope(grid, x.device)            # ([S, 1, D], [S, 1, D]) fp32
         time_dtype = self.time_embedding[0].weight.dtype
-        temb = self.time_embedding(sinusoidal_embedding(timestep.reshape(-1), cfg.freq_dim).to(time_dtype)).float()
-        e0 = self.time_projection(temb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # [B, 6, dim]
+        freqs = sinusoidal_embedding(timestep.reshape(-1), cfg.freq_dim).to(time_dtype)
+        if timestep.ndim == 2:  # [B, S, freq]: parallelize_wan cuts it to this rank's tokens here
+            freqs = freqs.view(*timestep.shape, cfg.freq_dim)
+        temb = self.time_embedding(freqs).float()  # [B, dim] or [B, S, dim]
+        e0 = self.time_projection(temb.to(dtype)).float().unflatten(-1, (6, cfg.dim))  # [B, (S,) 6, dim]
         context = self.text_embedding(context.to(dtype))
+        if image_context is not None:
+            image_context = self.img_emb(image_context.to(dtype))
         for block in self.blocks:
-            tokens = block(tokens, e0, context, rope)
+            tokens = block(tokens, e0, context, rope, image_context)
         return self.unpatchify(self.head(tokens, temb), grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -6,6 +6,8 @@ are the table SEQUENCE_PLAN below, installed as forward hooks:
 
 - the patch embedding's tokens and the RoPE tables are cut to this rank's slice, so RoPE keeps
   the global positions of the slice;
+- per-token timesteps (Wan2.2 TI2V, [B, S]) are cut like the tokens, before the time embedding,
+  so the modulation of each token stays with it;
 - self-attention is Ulysses attention (heads scattered, whole sequence per head group);
   cross-attention, the FFN and the modulation are per-token and run on the slice unchanged;
 - the output is gathered after the head: the head is per-token too, so gathering its output
@@ -67,6 +69,19 @@ def _split_rope(shard: SequenceShard):
     return hook
 
 
+def _split_token_times(shard: SequenceShard):
+    def pre_hook(module, args):
+        # per-token timesteps (Wan2.2 TI2V): [B, S, freq] -> [B, S_r, freq], cut like the tokens;
+        # one timestep per sample ([B, freq]) passes unchanged
+        (freqs,) = args
+        if freqs.ndim != 3:
+            return None
+        local, sizes = shard_sequence(freqs, dim=1, group=shard.group)
+        assert sizes == shard.sizes, f"timestep split {sizes} differs from the token split {shard.sizes}"
+        return (local,)
+    return pre_hook
+
+
 def _gather_output(shard: SequenceShard):
     def hook(module, args, out):
         # [B, S_r, C*pt*ph*pw] -> all_gather -> [B, S, C*pt*ph*pw] on every rank
@@ -74,11 +89,13 @@ def _gather_output(shard: SequenceShard):
     return hook
 
 
-# The one place that says where the sequence is split and gathered: (submodule, hook on its output).
+# The one place that says where the sequence is split and gathered: (submodule, hook, on its input
+# ("pre") or on its output ("post")). Runs in this order in the forward.
 SEQUENCE_PLAN = (
-    ("patch_embedding", _split_tokens),
-    ("rope", _split_rope),
-    ("head", _gather_output),
+    ("patch_embedding", _split_tokens, "post"),
+    ("rope", _split_rope, "post"),
+    ("time_embedding", _split_token_times, "pre"),
+    ("head", _gather_output, "post"),
 )
 
 
@@ -102,7 +119,8 @@ def parallelize_wan(model: WanModel, dims: ParallelDims, a2a: str = "all_to_all"
     shard = SequenceShard(group=dims.sp_group)
     for block in model.blocks:
         block.self_attn.attn_fn = UlyssesSelfAttention(shard, options)
-    model._sequence_hooks = [model.get_submodule(name).register_forward_hook(make(shard))
-                             for name, make in SEQUENCE_PLAN]
+    model._sequence_hooks = [
+        model.get_submodule(name).register_forward_pre_hook(make(shard)) if when == "pre"
+        else model.get_submodule(name).register_forward_hook(make(shard)) for name, make, when in SEQUENCE_PLAN]
     model._sequence_shard = shard
     return model
