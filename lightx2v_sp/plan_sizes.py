@@ -174,13 +174,21 @@ def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: i
     (0, H) = the whole frame); `receive_rows`: pixel rows of the largest piece rank 0 receives
     from another rank while gathering (its receive buffer, on the device).
     """
-    from lightx2v_sp.models.vae_rows import band_window, decoder_stages
+    from lightx2v_sp.models.vae_rows import band_window, decoder_stages, unsupported_reason
 
     vae = _meta_vae(vae_kwargs)
     weights = (_numel(vae.decoder) + _numel(vae.post_quant_conv)) * dtype_bytes  # the encoder stays on the host
     if not bands:
         return {"weights": 0, "caches": 0, "activations": 0, "video": 0}
     height, width = latent_hw
+    if unsupported_reason(vae) is not None:
+        # a VAE the row model does not describe (Wan2.2: patchified output) decodes whole on rank 0:
+        # scale Wan2.1's measured whole-frame peak by output pixels and frames (an estimate)
+        c = VAE_CALIBRATION
+        stride = 8 * (getattr(vae.config, "patch_size", None) or 1)
+        scale = (height * stride * width * stride) / (c["height"] * c["width"]) * num_frames / c["frames"]
+        return {"weights": weights, "caches": 0, "video": int(3 * num_frames * height * width * stride**2 * dtype_bytes),
+                "activations": int(c["peak_bytes"] / c["dtype_bytes"] * dtype_bytes * scale)}
     stages, top = decoder_stages(vae.decoder)
     halo = {}
     for s in stages:  # the widest window at each factor: the first stage there

@@ -138,7 +138,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     with stages("load"):
         def load():
-            models = load_checked("DiT", paths.dit, lambda: load_experts(kind.experts, cfg, device, dtype))
+            models = load_checked("DiT", paths.dit, lambda: load_experts(kind.experts, cfg, device, dtype),
+                                  weights=torch.nn.ModuleList)
             model = models[0]
             vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
                                weights=lambda v: v.vae) if rank == 0 or split_decode else None
