@@ -43,6 +43,9 @@ FRAME_LEVELS = {"exact": (2, 0.05), "rounding": (32, 2.0)}
 T5_ATOL = {"fp32": 1e-4}  # tp sums partial products in another order: rounding only (CPU: 2e-6)
 T5_REL = {"bf16": 3e-2}   # bf16: partial sums rounded to bf16 per layer; a wrong shard is O(1)
 ULYSSES_EXACT_REL = 1e-2  # bf16 kernels; an exchange bug moves outputs by O(1)
+# the real checkpoint a config names -> the tiny model of the same kind (first match)
+TINY_OF = (("Wan2.2-T2V-A14B", "wan2.2-t2v-a14b"), ("Wan2.2-I2V-A14B", "wan2.2-i2v-a14b"),
+           ("Wan2.2-TI2V-5B", "wan2.2-ti2v-5b"), ("Wan2.1-I2V", "wan2.1-i2v"))
 SMALL = ["sample.height=128", "sample.width=128", "sample.num_frames=17", "sample.steps=3"]
 PLAIN = ["parallel.ulysses_degree=1", "parallel.cfg_degree=1", "parallel.comm_dtype=null",
          "parallel.a2a=all_to_all", "text_encoder.parallel=replicate", "text_encoder.device=gpu",
@@ -74,7 +77,9 @@ def _config_jobs(world: int) -> tuple[list[dict], list[dict]]:
 
         raw = OmegaConf.load(path)
         cfg_degree = int(OmegaConf.select(raw, "parallel.cfg_degree", default=1) or 1)
-        base = [*_tiny_for(raw), *SMALL]
+        small = [o for o in SMALL if not (o.startswith("sample.steps=")
+                                          and OmegaConf.select(raw, "sample.timesteps", default=None))]
+        base = [*_tiny_for(raw), *small]  # a config with a step list keeps its step count
         one.append({"name": f"{name}.ref", "config": path, "overrides": base + PLAIN})
         one.append({"name": f"{name}.1", "config": path, "ref": f"{name}.ref", "kind": "exact",
                     "overrides": base + ["parallel.ulysses_degree=1", "parallel.cfg_degree=1"], "layout": "1 x 1"})
@@ -101,6 +106,8 @@ def _tiny_for(raw) -> list[str]:
 
     out = ["model.path=null"]
     kind = OmegaConf.select(raw, "model.tiny", default=None)
+    path = str(OmegaConf.select(raw, "model.path", default=None) or "")
+    kind = kind or next((tiny for name, tiny in TINY_OF if name in path), None)
     if kind is not None:
         out.append(f"model.tiny={kind}")
     loras = OmegaConf.select(raw, "lora", default=None) or []
@@ -132,6 +139,10 @@ def _run_configs(args, world: int) -> list[dict]:
         if not (os.path.exists(got) and os.path.exists(ref)):
             continue
         a, b = torch.load(got), torch.load(ref)
+        if "error" in a or "error" in b:
+            rows.append({"part": "configs", "name": job["name"].rsplit(".", 1)[0], "layout": job["layout"],
+                         "diff": None, "seconds": None, "ok": False, "detail": (a.get("error") or b.get("error"))})
+            continue
         delta = (a["frames"].int() - b["frames"].int()).abs()
         diff, mean = int(delta.max()), float(delta.float().mean())
         bound = FRAME_LEVELS[job["kind"]]
@@ -255,10 +266,16 @@ def _worker_configs(args, device) -> int:
     with open(args.jobs) as f:
         jobs = json.load(f)
     for job in jobs:
-        cfg = load_config(job["config"], job["overrides"] + [f"output.path={os.path.join(args.out, job['name'])}.mp4",
-                                                            f"device={device.type}"])
         start = time.perf_counter()
-        result = runner.run(cfg, device, progress=False, keep_video=True)
+        try:  # one failing config is a failed row, not the end of the lane
+            cfg = load_config(job["config"], job["overrides"] + [
+                f"output.path={os.path.join(args.out, job['name'])}.mp4", f"device={device.type}"])
+            result = runner.run(cfg, device, progress=False, keep_video=True)
+        except Exception as e:  # noqa: BLE001
+            if rank == 0:
+                torch.save({"error": f"{type(e).__name__}: {e}"[:2000]}, os.path.join(args.out, f"{job['name']}.pt"))
+            print(f"[lane] {job['name']}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
         seconds = time.perf_counter() - start
         if rank == 0:
             frames = to_uint8_frames(result.video)
