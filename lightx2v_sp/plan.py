@@ -74,7 +74,7 @@ class RankPlan:
 
 def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     from lightx2v_sp.distributed import split_sizes
-    from lightx2v_sp.pipeline.checks import resolve_ulysses_degree
+    from lightx2v_sp.distributed.mesh import resolve_ulysses_degree
     from lightx2v_sp.pipeline.decode import row_bands
     from lightx2v_sp.pipeline.latents import latent_shape
 
@@ -297,7 +297,7 @@ def main_plan(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float]) -> tupl
     world = gpus or int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1:
         raise ValueError(f"--gpus {world} must be >= 1")
-    from lightx2v_sp.pipeline.checks import check_layout, resolve_ulysses_degree
+    from lightx2v_sp.distributed.mesh import check_layout, resolve_ulysses_degree
 
     shapes = model_shapes(cfg.model)
     check_layout(world, resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree),

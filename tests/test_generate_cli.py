@@ -126,7 +126,7 @@ def test_torchrun_layout_errors_exit_every_rank(cache, tmp_path):
     r = _torchrun(cache, "parallel.ulysses_degree=1", f"output.path={out}")
     assert r.returncode != 0
     lines = _error_lines(r.stderr)
-    assert len(lines) == 1 and "1 x 1 = 1, but the job has 2 rank(s)" in lines[0], r.stderr
+    assert len(lines) == 1 and "1 x 1 = 1 but the world size is 2" in lines[0], r.stderr
     assert "cfg_degree=2 x ulysses_degree=1" in lines[0]  # the layouts that would fit
     # torchrun's report lists every rank as failed: rank 0 with our user-error status 2, rank 1 with
     # 2 as well, or SIGTERM (-15) when torchrun's teardown reached it first
@@ -141,7 +141,7 @@ def test_torchrun_layout_errors_exit_every_rank(cache, tmp_path):
     r = _torchrun(cache, f"model.path={three}", "parallel.ulysses_degree=2", f"output.path={out}")
     assert r.returncode != 0
     lines = _error_lines(r.stderr)
-    assert len(lines) == 1 and "3 attention heads cannot be split over parallel.ulysses_degree=2" in lines[0]
+    assert len(lines) == 1 and "3 attention heads cannot be split over a Ulysses group of 2 (parallel.ulysses_degree=2)" in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
 
 

@@ -184,13 +184,13 @@ def test_heads_check_for_ti2v_24_heads():
     """TI2V-5B has 24 heads: on 8 GPUs both cfg 2 x ulysses 4 and ulysses 8 split them (24 = 8 x 3); on 16
     ranks ulysses 16 cannot, and the error lists the layouts that work."""
     from lightx2v_sp.models.wan import WanConfig
-    from lightx2v_sp.pipeline.checks import check_layout
+    from lightx2v_sp.distributed import check_layout
 
     heads = WanConfig.ti2v_5b().num_heads
     assert heads == 24
     check_layout(8, 4, 2, heads)
     check_layout(8, 8, 1, heads)
-    with pytest.raises(ValueError, match="24 attention heads cannot be split over parallel.ulysses_degree=16; "
+    with pytest.raises(ValueError, match="24 attention heads cannot be split over a Ulysses group of 16 \\(parallel.ulysses_degree=16\\); "
                                          "layouts that work on 16 rank\\(s\\): cfg_degree=2 x ulysses_degree=8"):
         check_layout(16, 16, 1, heads)
 

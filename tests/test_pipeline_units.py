@@ -10,7 +10,8 @@ from lightx2v_sp.config import load_config
 from lightx2v_sp.distributed import ParallelDims
 from lightx2v_sp.models import tiny
 from lightx2v_sp.pipeline import output
-from lightx2v_sp.pipeline.checks import AgreedError, agreed, check_layout, resolve_ulysses_degree
+from lightx2v_sp.distributed import check_layout, resolve_ulysses_degree
+from lightx2v_sp.pipeline.checks import AgreedError, agreed
 from lightx2v_sp.pipeline.guidance import combine, guided_prediction
 from lightx2v_sp.pipeline.latents import initial_latents, latent_shape
 from lightx2v_sp.pipeline.scheduler import make_scheduler

@@ -9,6 +9,8 @@ import datetime
 
 import torch.distributed as dist
 
+from .groups import job_size_rank
+
 
 def valid_layouts(world_size: int, num_heads: int | None = None) -> list[str]:
     """Layouts `cfg x ulysses` that fit `world_size` (and divide `num_heads`, when given)."""
@@ -24,9 +26,39 @@ def valid_layouts(world_size: int, num_heads: int | None = None) -> list[str]:
 
 def heads_error(num_heads: int, group_size: int, world_size: int) -> ValueError:
     """The error for heads that a Ulysses group of `group_size` cannot split evenly."""
-    return ValueError(f"{num_heads} attention heads cannot be split over a Ulysses group of {group_size}; "
-                      f"layouts that work on {world_size} ranks: "
+    return ValueError(f"{num_heads} attention heads cannot be split over a Ulysses group of {group_size} "
+                      f"(parallel.ulysses_degree={group_size}); layouts that work on {world_size} rank(s): "
                       f"{', '.join(valid_layouts(world_size, num_heads)) or 'none'}")
+
+
+def resolve_ulysses_degree(world_size: int, ulysses_degree: int, cfg_degree: int) -> int:
+    """`parallel.ulysses_degree` 0 means "auto": every rank that cfg_degree leaves over."""
+    if ulysses_degree == 0:
+        return max(1, world_size // cfg_degree)
+    return ulysses_degree
+
+
+def check_layout(world_size: int, ulysses_degree: int, cfg_degree: int, num_heads: int | None = None) -> None:
+    """The layout fits the job (and the model's heads, when given): pure arithmetic, no collectives.
+
+    The one place the layout is checked: preflight calls it before any collective, ParallelDims
+    again when it builds the groups, and the heads once more wherever they are split.
+    """
+    for name, value in (("ulysses_degree", ulysses_degree), ("cfg_degree", cfg_degree)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
+    if cfg_degree not in (1, 2):
+        raise ValueError(f"parallel.cfg_degree must be 1 or 2 (conditional + unconditional), got {cfg_degree}")
+    if ulysses_degree * cfg_degree != world_size:
+        hint = (f"; launch it with torchrun --nproc_per_node {ulysses_degree * cfg_degree}"
+                if world_size == 1 else "")
+        heads = f" and {num_heads} heads" if num_heads is not None else ""
+        raise ValueError(
+            f"ulysses_degree x cfg_degree = {ulysses_degree} x {cfg_degree} = {ulysses_degree * cfg_degree} "
+            f"but the world size is {world_size}{hint}; the job cannot be laid out. Layouts that fit "
+            f"{world_size} rank(s){heads}: {', '.join(valid_layouts(world_size, num_heads)) or 'none'}")
+    if num_heads is not None and num_heads % ulysses_degree:
+        raise heads_error(num_heads, ulysses_degree, world_size)
 
 
 class ParallelDims:
@@ -39,23 +71,11 @@ class ParallelDims:
     """
 
     def __init__(self, ulysses_degree: int = 1, cfg_degree: int = 1, timeout_s: float | None = None):
-        initialized = dist.is_available() and dist.is_initialized()
-        self.world_size = dist.get_world_size() if initialized else 1
-        self.rank = dist.get_rank() if initialized else 0
-        for name, value in (("ulysses_degree", ulysses_degree), ("cfg_degree", cfg_degree)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if cfg_degree not in (1, 2):
-            raise ValueError(f"cfg_degree must be 1 or 2 (conditional + unconditional), got {cfg_degree}")
-        if ulysses_degree * cfg_degree != self.world_size:
-            raise ValueError(
-                f"ulysses_degree x cfg_degree = {ulysses_degree} x {cfg_degree} = {ulysses_degree * cfg_degree} "
-                f"but the world size is {self.world_size}; the job cannot be laid out. "
-                f"Layouts that fit: {', '.join(valid_layouts(self.world_size))}")
+        self.world_size, self.rank = job_size_rank()
+        ulysses_degree = resolve_ulysses_degree(self.world_size, ulysses_degree, cfg_degree)
+        check_layout(self.world_size, ulysses_degree, cfg_degree)
         self.ulysses_degree = ulysses_degree
         self.cfg_degree = cfg_degree
-        self.sp_size = ulysses_degree
-        self.cfg_size = cfg_degree
         self.cfg_rank, self.sp_rank = divmod(self.rank, ulysses_degree)
         self.world_group = dist.group.WORLD if self.world_size > 1 else None
         self.sp_group = None
@@ -78,6 +98,14 @@ class ParallelDims:
             if s == self.sp_rank:
                 self.cfg_group = group
                 self.cfg_ranks = ranks
+
+    @property
+    def sp_size(self) -> int:
+        return self.ulysses_degree
+
+    @property
+    def cfg_size(self) -> int:
+        return self.cfg_degree
 
     def check_heads(self, num_heads: int) -> None:
         """Ulysses splits heads over the group: they must divide evenly."""

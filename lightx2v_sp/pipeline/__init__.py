@@ -1,5 +1,7 @@
 """Text-to-video runner: encode -> denoise (Ulysses, CFG-parallel) -> decode -> save."""
-from .checks import AgreedError, agreed, check_layout
+from lightx2v_sp.distributed.mesh import check_layout
+
+from .checks import AgreedError, agreed
 from .paths import ModelPaths, model_paths_for, resolve_model_paths
 from .runner import RunResult, run
 

@@ -14,8 +14,8 @@ from typing import Callable, TypeVar
 
 import torch.distributed as dist
 
-from lightx2v_sp.distributed import valid_layouts
 from lightx2v_sp.distributed.comm_stats import record_comm
+from lightx2v_sp.distributed.groups import job_size_rank
 from lightx2v_sp.distributed.peer_lost import is_peer_lost
 
 T = TypeVar("T")
@@ -33,12 +33,6 @@ class AgreedError(ValueError):
         self.internal = internal
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def all_gather_objects(value, world: int) -> list:
     """`value` of every rank, on every rank (small picklable control messages only)."""
     if world == 1:
@@ -51,7 +45,7 @@ def all_gather_objects(value, world: int) -> list:
 
 
 def agreed(stage: str, fn: Callable[[], T]) -> T:
-    world, rank = _world()
+    world, rank = job_size_rank()
     result, error = None, None
     try:
         result = fn()
@@ -68,30 +62,3 @@ def agreed(stage: str, fn: Callable[[], T]) -> T:
             where = f" (on rank {r})" if r != 0 and f"on rank {r}:" not in message else ""
             raise AgreedError(message + where, internal)
     return result
-
-
-def resolve_ulysses_degree(world_size: int, ulysses_degree: int, cfg_degree: int) -> int:
-    """`parallel.ulysses_degree` 0 means "auto": every rank that cfg_degree leaves over."""
-    if ulysses_degree == 0:
-        return max(1, world_size // cfg_degree)
-    return ulysses_degree
-
-
-def check_layout(world_size: int, ulysses_degree: int, cfg_degree: int, num_heads: int) -> None:
-    """The parallel layout fits the job and the model (pure arithmetic: no collectives)."""
-    if num_heads < 1:  # before the text stage: a broken config.json fails in seconds
-        raise ValueError(f"the DiT's config.json gives num_heads={num_heads}; it must be a positive integer "
-                         "(the checkpoint's config is broken)")
-    if ulysses_degree * cfg_degree != world_size:
-        hint = ("; launch it with torchrun --nproc_per_node "
-                f"{ulysses_degree * cfg_degree}" if world_size == 1 else "")
-        raise ValueError(
-            f"parallel.ulysses_degree x parallel.cfg_degree = {ulysses_degree} x {cfg_degree} = "
-            f"{ulysses_degree * cfg_degree}, but the job has {world_size} rank(s){hint}. "
-            f"Layouts that fit {world_size} rank(s) and {num_heads} heads: "
-            f"{', '.join(valid_layouts(world_size, num_heads)) or 'none'}")
-    if num_heads % ulysses_degree:
-        raise ValueError(
-            f"the DiT's {num_heads} attention heads cannot be split over parallel.ulysses_degree={ulysses_degree}; "
-            f"layouts that work on {world_size} rank(s): "
-            f"{', '.join(valid_layouts(world_size, num_heads)) or 'none'}")

@@ -22,6 +22,7 @@ from typing import Callable, Optional, TypeVar
 
 import torch.distributed as dist
 
+from lightx2v_sp.distributed.groups import job_size_rank
 from lightx2v_sp.distributed.peer_lost import PeerLostError
 
 from .checks import AgreedError, agreed
@@ -31,12 +32,6 @@ T = TypeVar("T")
 HEARTBEAT_S = 1.0   # rank 0 bumps the counter this often (more often for timeouts under 5 s)
 POLL_S = 0.2        # the others look this often
 _stage_ids = itertools.count()  # every rank calls rank0_stage in the same order: same keys
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _outcome_of(stage: str, fn: Callable[[], T]) -> tuple[Optional[T], Optional[tuple[str, bool]]]:
@@ -56,7 +51,7 @@ def rank0_stage(stage: str, fn: Callable[[], T], timeout_s: float) -> Optional[T
     raised as the same `AgreedError` on every rank. A waiting rank raises `PeerLostError` when
     rank 0's heartbeat has not moved for `timeout_s` seconds.
     """
-    world, rank = _world()
+    world, rank = job_size_rank()
     if world == 1:
         return agreed(stage, fn)
     store = dist.PrefixStore(f"lightx2v_sp/rank0_stage/{next(_stage_ids)}/",

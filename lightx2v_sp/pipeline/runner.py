@@ -22,12 +22,13 @@ import torch.distributed as dist
 
 from lightx2v_sp.attention import resolve_backend
 from lightx2v_sp.config import to_dict
-from lightx2v_sp.distributed import CommStats, ParallelDims
+from lightx2v_sp.distributed import CommStats, ParallelDims, check_layout, resolve_ulysses_degree
+from lightx2v_sp.distributed.groups import job_size_rank
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import StageMemory
 from lightx2v_sp.plan import check_before_loading, plan_summary
 
-from .checks import agreed, all_gather_objects, check_layout, resolve_ulysses_degree
+from .checks import agreed, all_gather_objects
 from .conditioning import image_inputs, needs_image_stage
 from .decode import decode_rows, gather_video, vae_on_every_rank
 from .denoise import denoise
@@ -78,14 +79,8 @@ class _Stages:
         log.info("%-8s %.2fs", name, self.times[name])
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def _preflight(cfg, device: torch.device):
-    world, rank = _world()
+    world, rank = job_size_rank()
     out = None
     if rank == 0:  # cheapest first
         out = check_writable(cfg.output.path)
@@ -103,7 +98,7 @@ def _preflight(cfg, device: torch.device):
 
 
 def _ulysses(cfg) -> int:
-    return resolve_ulysses_degree(_world()[0], cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree)
+    return resolve_ulysses_degree(job_size_rank()[0], cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree)
 
 
 def _comm_summary(per_rank: list[dict]) -> dict:
@@ -122,7 +117,7 @@ def _comm_summary(per_rank: list[dict]) -> dict:
 def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = False) -> RunResult:
     """Generate the video described by `cfg` (every rank of the job calls this)."""
     started = time.perf_counter()
-    world, rank = _world()
+    world, rank = job_size_rank()
     stages = _Stages(device)
     dtype = DTYPES[cfg.model.dtype]
     split_decode = vae_on_every_rank(cfg.vae, world)
