@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from diffusers_wan_pipeline import (load_pipeline, diffusers_video, make_peft_lora, our_video,
+from helpers import (load_pipeline, diffusers_video, make_peft_lora, our_video,
                                     save_diffusers_pipeline, to_kohya)
 from lightx2v_sp.config import load_config
 from lightx2v_sp.pipeline import run

@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightx2v_sp.offload import (BlockOffload, HostTransport, InactiveBlockOffload, enable_block_offload,
@@ -16,43 +15,7 @@ from lightx2v_sp.offload import (BlockOffload, HostTransport, InactiveBlockOfflo
 from lightx2v_sp.offload.recording import RecordingTransport, check_schedule
 from lightx2v_sp.offload.transport import _reset_no_effect_warning
 
-DIM = 16
-
-
-class ToyBlock(nn.Module):
-    """Linear layers, a norm, a parameter in another dtype and a buffer: what a DiT block holds."""
-
-    def __init__(self, dim=DIM, dtype=torch.float32):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 2 * dim)
-        self.fc2 = nn.Linear(2 * dim, dim)
-        self.to(dtype)
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim))  # stays fp32, like Wan's
-        self.register_buffer("shift", torch.randn(dim, dtype=dtype))
-        self.fail = False
-
-    def forward(self, x):
-        if self.fail:
-            raise RuntimeError("planted failure")
-        scale, gate = (self.modulation.to(x.dtype) + 1).unbind(1)
-        h = self.fc2(F.gelu(self.fc1(self.norm(x) * scale)))
-        return x + gate * h + self.shift
-
-
-class ToyModel(nn.Module):
-    def __init__(self, num_blocks, dtype=torch.float32):
-        super().__init__()
-        self.embed = nn.Linear(DIM, DIM).to(dtype)
-        self.blocks = nn.ModuleList(ToyBlock(DIM, dtype) for _ in range(num_blocks))
-        self.head = nn.Linear(DIM, DIM).to(dtype)
-
-    def forward(self, x):
-        x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
+from helpers import DIM, ToyBlock, ToyModel  # noqa: F401
 
 def make(num_blocks, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import torch
 
 from lightx2v_sp.offload import (CudaTransport, PinnedHostBuffer, StageMemory, enable_block_offload,
                                  offload_dit_blocks, place_component)
-from test_offload_blocks import ToyModel
+from helpers import ToyModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = torch.device("cuda")

@@ -22,7 +22,7 @@ from lightx2v_sp.models.wan import WanModel
 from lightx2v_sp.pipeline import run
 from lightx2v_sp.pipeline.latents import initial_latents, latent_shape
 from lightx2v_sp.testing import run_on_ranks
-from test_wan_model import randomize_
+from helpers import randomize_
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 IMAGE = os.path.join(ROOT, "assets", "images", "tiny_first_frame.png")

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lightx2v_sp.models.wan import WanModel, save_pretrained
-from test_wan_model import ATOL, diffusers_forward, diffusers_model, make_inputs, tiny_config
+from helpers import ATOL, diffusers_forward, diffusers_model, make_inputs, tiny_config
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -1,69 +1,14 @@
 """WanModel against diffusers.WanTransformer3DModel on the same weights (single process).
 
-The helpers here (tiny config, randomised diffusers reference, inputs) are shared by the other
-test_wan*.py files.
+The tiny config, the randomised diffusers reference and the inputs are in helpers.py.
 """
 import pytest
 import torch
 
 from lightx2v_sp.models.wan import WanConfig, WanModel
 
-# 5 x 10 x 14 latents -> 5 x 5 x 7 = 175 tokens: not divisible by 2 or 3, every RoPE axis > 1.
-LATENT = (16, 5, 10, 14)
-TEXT_LEN = 7
-# fp32 parity: both sides do the same math in a different operation order (fused QKV GEMM,
-# patch embedding as a GEMM, RoPE as x*cos + swap(x)*sin, fused addcmul). Each op adds a few
-# ulps (fp32 eps 1.2e-7) on O(1) activations (max |out| ~ 4); over 2 layers that stays near
-# 1e-6 (observed <= 1.2e-6). 2e-5 leaves over 15x margin and is still 4-5 orders below any real bug (a swapped or
-# mis-mapped weight moves outputs by O(0.1-1)).
-ATOL = 2e-5
-
-
-def tiny_config(**overrides) -> WanConfig:
-    return WanConfig.tiny(**overrides)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights with no identity parts (norm weights != 1, biases != 0), O(1) activations."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif p.ndim >= 2 and "scale_shift_table" not in name and "modulation" not in name:
-                p.copy_(noise * 0.7 / p[0].numel() ** 0.5)  # ~unit gain per layer
-            else:
-                p.copy_(0.2 * noise)
-    return model
-
-
-def diffusers_model(cfg: WanConfig, seed: int = 0):
-    from diffusers import WanTransformer3DModel
-
-    kwargs = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
-    return randomize_(WanTransformer3DModel(**kwargs), seed).eval()
-
-
-def token_timesteps(t: torch.Tensor, grid=(5, 5, 7)) -> torch.Tensor:
-    """[B] -> [B, S] per-token timesteps as Wan2.2 TI2V uses them: 0 on the first latent frame, t after."""
-    ts = t[:, None, None, None].expand(-1, *grid).clone()
-    ts[:, 0] = 0
-    return ts.flatten(1)
-
-
-def make_inputs(cfg: WanConfig, batch: int = 1, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *LATENT, generator=gen)
-    t = torch.tensor([900.0, 125.5, 3.0][:batch])
-    ctx = torch.randn(batch, TEXT_LEN, cfg.text_dim, generator=gen)
-    return x, t, ctx
-
-
-@torch.no_grad()
-def diffusers_forward(ref, x, t, ctx) -> torch.Tensor:
-    return ref(x, t, ctx, return_dict=False)[0]
-
+from helpers import (ATOL, LATENT, TEXT_LEN, diffusers_forward, diffusers_model, make_inputs, tiny_config,  # noqa: F401
+                     token_timesteps)
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

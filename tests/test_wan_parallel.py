@@ -11,7 +11,7 @@ import torch
 from lightx2v_sp.distributed import ParallelDims, split_sizes
 from lightx2v_sp.distributed.comm_stats import CommStats
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
-from test_wan_model import ATOL, diffusers_forward, diffusers_model, make_inputs, tiny_config, token_timesteps
+from helpers import ATOL, diffusers_forward, diffusers_model, make_inputs, tiny_config, token_timesteps
 
 VARIANTS = list(itertools.product(("all_to_all", "round_robin"), (True, False), (None, "fp8")))
 ids = [f"{a}-{'fused' if f else 'split'}-{c or 'native'}" for a, f, c in VARIANTS]

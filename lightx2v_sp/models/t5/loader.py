@@ -285,3 +285,11 @@ def save_t5_encoder(enc: T5Encoder, path, layout: str = "hf", max_shard_bytes: i
         json.dump(config_to_hf(cfg), f, indent=2)
     save_safetensors({file_key(n, "hf"): t for n, t in state.items()}, path, "model", max_shard_bytes)
     return path
+
+
+def _from_pretrained(cls, path, dtype=None, device="cpu", shard=None) -> T5Encoder:
+    """HF UMT5 directory (safetensors, sharded too) or the official Wan2.1 .pth (load_t5_encoder)."""
+    return load_t5_encoder(path, dtype=dtype, device=device, shard=shard)
+
+
+T5Encoder.from_pretrained = classmethod(_from_pretrained)

@@ -166,12 +166,7 @@ class T5Encoder(nn.Module):
         # Set by the loader / parallelize_t5 when this instance holds a tensor-parallel shard.
         self.shard = None
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", shard=None) -> T5Encoder:
-        """HF UMT5 directory (safetensors, sharded too) or the official Wan2.1 .pth; see loader.py."""
-        from .loader import load_t5_encoder
-
-        return load_t5_encoder(path, dtype=dtype, device=device, shard=shard)
+    # from_pretrained is the loader's (loader.py attaches it): the loader imports the model, not back.
 
     def buckets(self, seq_len: int, device=None) -> torch.Tensor:
         cfg = self.config

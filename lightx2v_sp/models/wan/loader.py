@@ -166,3 +166,16 @@ def save_pretrained(model: WanModel, path, layout: str = "official", max_shard_b
     config = model.config.to_official() if layout == "official" else model.config.to_diffusers()
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_safetensors(tensors, path, WEIGHTS.removesuffix(".safetensors"), max_shard_bytes)
+
+
+def _from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", skip=None) -> WanModel:
+    """Load an official Wan checkpoint or a diffusers WanTransformer3DModel directory (load_wan)."""
+    return load_wan(path, dtype=dtype, device=device, skip=skip)
+
+
+def _save_pretrained(self, path, layout: str = "official", max_shard_bytes: int | None = None) -> None:
+    save_pretrained(self, path, layout=layout, max_shard_bytes=max_shard_bytes)
+
+
+WanModel.from_pretrained = classmethod(_from_pretrained)
+WanModel.save_pretrained = _save_pretrained

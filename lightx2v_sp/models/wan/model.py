@@ -308,12 +308,5 @@ class WanModel(nn.Module):
         x = x.view(x.shape[0], f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(x.shape[0], -1, f * pt, h * ph, w * pw)
 
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", skip=None) -> "WanModel":
-        """Load an official Wan2.1 or a diffusers WanTransformer3DModel directory (see loader.py)."""
-        from .loader import load_wan
-        return load_wan(path, dtype=dtype, device=device, skip=skip)
-
-    def save_pretrained(self, path, layout: str = "official", max_shard_bytes: int | None = None) -> None:
-        from .loader import save_pretrained
-        save_pretrained(self, path, layout=layout, max_shard_bytes=max_shard_bytes)
+    # from_pretrained / save_pretrained are the loader's (loader.py attaches them): the model file
+    # knows nothing of checkpoints, and the loader imports the model, not the other way round.

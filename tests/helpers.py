@@ -1,19 +1,120 @@
-"""A tiny diffusers WanPipeline saved by diffusers itself, and runs of it: the end-to-end reference.
+"""Helpers shared by the tests (one module; tests import it, never each other).
 
-The pipeline holds the embedded tiny model's text encoder, tokenizer and VAE and a randomised
-diffusers transformer of the tiny DiT's shape (no zero or identity parts, so every weight a LoRA
-touches matters). `diffusers_video` runs `WanPipeline.__call__` from the latents our run starts
-from, so both sides integrate the same ODE from the same point.
+- the tiny Wan DiT against diffusers' WanTransformer3DModel: config, randomised reference, inputs
+  (used by test_wan_*.py and the pipeline comparisons);
+- a toy DiT of plain blocks for the offload tests;
+- a tiny diffusers WanPipeline saved by diffusers itself, and runs of it: the end-to-end
+  reference. The pipeline holds the embedded tiny model's text encoder, tokenizer and VAE and a
+  randomised diffusers transformer of the tiny DiT's shape (no zero or identity parts, so every
+  weight a LoRA touches matters). `diffusers_video` runs `WanPipeline.__call__` from the latents our
+  run starts from, so both sides integrate the same ODE from the same point.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lightx2v_sp.models import tiny
 from lightx2v_sp.models.wan import WanConfig
 from lightx2v_sp.pipeline.latents import initial_latents, latent_shape
+
+# 5 x 10 x 14 latents -> 5 x 5 x 7 = 175 tokens: not divisible by 2 or 3, every RoPE axis > 1.
+LATENT = (16, 5, 10, 14)
+TEXT_LEN = 7
+# fp32 parity: both sides do the same math in a different operation order (fused QKV GEMM,
+# patch embedding as a GEMM, RoPE as x*cos + swap(x)*sin, fused addcmul). Each op adds a few
+# ulps (fp32 eps 1.2e-7) on O(1) activations (max |out| ~ 4); over 2 layers that stays near
+# 1e-6 (observed <= 1.2e-6). 2e-5 leaves over 15x margin and is still 4-5 orders below any real bug (a swapped or
+# mis-mapped weight moves outputs by O(0.1-1)).
+ATOL = 2e-5
+
+
+def tiny_config(**overrides) -> WanConfig:
+    return WanConfig.tiny(**overrides)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights with no identity parts (norm weights != 1, biases != 0), O(1) activations."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif p.ndim >= 2 and "scale_shift_table" not in name and "modulation" not in name:
+                p.copy_(noise * 0.7 / p[0].numel() ** 0.5)  # ~unit gain per layer
+            else:
+                p.copy_(0.2 * noise)
+    return model
+
+
+def diffusers_model(cfg: WanConfig, seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    kwargs = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
+    return randomize_(WanTransformer3DModel(**kwargs), seed).eval()
+
+
+def token_timesteps(t: torch.Tensor, grid=(5, 5, 7)) -> torch.Tensor:
+    """[B] -> [B, S] per-token timesteps as Wan2.2 TI2V uses them: 0 on the first latent frame, t after."""
+    ts = t[:, None, None, None].expand(-1, *grid).clone()
+    ts[:, 0] = 0
+    return ts.flatten(1)
+
+
+def make_inputs(cfg: WanConfig, batch: int = 1, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *LATENT, generator=gen)
+    t = torch.tensor([900.0, 125.5, 3.0][:batch])
+    ctx = torch.randn(batch, TEXT_LEN, cfg.text_dim, generator=gen)
+    return x, t, ctx
+
+
+@torch.no_grad()
+def diffusers_forward(ref, x, t, ctx) -> torch.Tensor:
+    return ref(x, t, ctx, return_dict=False)[0]
+
+
+DIM = 16
+
+
+class ToyBlock(nn.Module):
+    """Linear layers, a norm, a parameter in another dtype and a buffer: what a DiT block holds."""
+
+    def __init__(self, dim=DIM, dtype=torch.float32):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.to(dtype)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim))  # stays fp32, like Wan's
+        self.register_buffer("shift", torch.randn(dim, dtype=dtype))
+        self.fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("planted failure")
+        scale, gate = (self.modulation.to(x.dtype) + 1).unbind(1)
+        h = self.fc2(F.gelu(self.fc1(self.norm(x) * scale)))
+        return x + gate * h + self.shift
+
+
+class ToyModel(nn.Module):
+    def __init__(self, num_blocks, dtype=torch.float32):
+        super().__init__()
+        self.embed = nn.Linear(DIM, DIM).to(dtype)
+        self.blocks = nn.ModuleList(ToyBlock(DIM, dtype) for _ in range(num_blocks))
+        self.head = nn.Linear(DIM, DIM).to(dtype)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
 
 SHIFT = 3.0  # the tiny config's sample.shift
 
@@ -27,7 +128,6 @@ def save_diffusers_pipeline(path: str, seed: int = 5) -> str:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from test_wan_model import diffusers_model
 
     src = tiny.ensure_tiny_model()
     pipe = WanPipeline(
@@ -80,7 +180,6 @@ def make_peft_lora(path: str, target_modules: list[str], rank: int, alpha: float
     from diffusers import WanPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from test_wan_model import diffusers_model
 
     model = diffusers_model(tiny_wan_config(), seed=0)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_bias=lora_bias,
