@@ -14,9 +14,10 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
+
+from lightx2v_sp.jsonfile import read_json
 
 GIB = 1 << 30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -37,14 +38,6 @@ class Shapes:
 # ------------------------------------------------------------------------------------------------
 # shapes
 
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def model_shapes(model_cfg) -> Shapes:
     """Configs of the DiT, UMT5 and VAE that `model` names, read without loading any weight."""
     from lightx2v_sp.models.t5.model import T5Config
@@ -57,13 +50,13 @@ def model_shapes(model_cfg) -> Shapes:
     root = os.path.expanduser(model_cfg.path)
     t5, vae = T5Config.umt5_xxl(), {}  # what Wan2.1 ships (the official .pth has no config to read)
     te_dir = model_cfg.text_encoder_path or os.path.join(root, "text_encoder")
-    te_json = _read_json(os.path.join(te_dir, "config.json")) if os.path.isdir(te_dir) else None
+    te_json = read_json(os.path.join(te_dir, "config.json")) if os.path.isdir(te_dir) else None
     if te_json and "d_model" in te_json:
         from lightx2v_sp.models.t5.loader import config_from_hf
 
         t5 = config_from_hf(te_json, os.path.join(te_dir, "config.json"))
     vae_dir = model_cfg.vae_path or os.path.join(root, "vae")
-    vae_json = _read_json(os.path.join(vae_dir, "config.json")) if os.path.isdir(vae_dir) else None
+    vae_json = read_json(os.path.join(vae_dir, "config.json")) if os.path.isdir(vae_dir) else None
     if vae_json:
         import inspect
 
@@ -71,10 +64,10 @@ def model_shapes(model_cfg) -> Shapes:
 
         known = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
         vae = {k: v for k, v in vae_json.items() if k in known}
-    official = _read_json(os.path.join(root, "config.json"))
+    official = read_json(os.path.join(root, "config.json"))
     if official and "dim" in official:
         return Shapes(root, WanConfig.from_official(official), t5, vae)
-    diffusers = _read_json(os.path.join(root, "transformer", "config.json"))
+    diffusers = read_json(os.path.join(root, "transformer", "config.json"))
     if diffusers:
         return Shapes(root, WanConfig.from_diffusers(diffusers), t5, vae)
     base = os.path.basename(os.path.normpath(root)).lower()

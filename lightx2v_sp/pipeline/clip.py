@@ -14,9 +14,8 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 
-from lightx2v_sp.distributed.comm_stats import record_comm
+from lightx2v_sp.distributed.broadcast import from_rank0
 
 from .checks import agreed
 from .image import open_image
@@ -76,10 +75,4 @@ def encode_clip(cfg, encoder_dir: str, processor_dir: str, device: torch.device,
         return out
 
     out = agreed("encoding the image with CLIP", encode)
-    if world == 1:
-        return out.to(device)
-    buf = out.to(device) if rank == 0 else torch.empty(1, tokens, width, device=device)
-    # [1, L, width] fp32 on rank 0 -> broadcast (world) -> the same tokens on every rank
-    dist.broadcast(buf, src=0)
-    record_comm("broadcast", buf.numel() * buf.element_size() * (world - 1) if rank == 0 else 0)
-    return buf
+    return from_rank0(out, (1, tokens, width), device)

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from lightx2v_sp.distributed.comm_stats import record_comm
+from lightx2v_sp.distributed.broadcast import from_rank0
 
 from .checks import agreed
 
@@ -118,10 +117,4 @@ def encode_image_condition(cfg, vae, condition_shape: tuple[int, ...], device: t
         return cond
 
     cond = agreed("encoding the image", encode)
-    if world == 1:
-        return cond.to(device)
-    buf = cond.to(device) if rank == 0 else torch.empty((1, *condition_shape), device=device)
-    # [1, 4 + z, F, H, W] fp32 on rank 0 -> broadcast (world) -> the same bits on every rank
-    dist.broadcast(buf, src=0)
-    record_comm("broadcast", buf.numel() * buf.element_size() * (world - 1) if rank == 0 else 0)
-    return buf
+    return from_rank0(cond, (1, *condition_shape), device)

@@ -15,9 +15,10 @@ Any of them may be a Hugging Face repo id instead of a directory (hub.py fetches
 from __future__ import annotations
 
 import glob
-import json
 import os
 from dataclasses import asdict, dataclass
+
+from lightx2v_sp.jsonfile import read_json
 from typing import Optional
 
 T5_OFFICIAL = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -46,31 +47,23 @@ def _has_weights(d: str) -> bool:
     return bool(glob.glob(os.path.join(d, "diffusion_pytorch_model*.safetensors")))
 
 
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _find_dit(root: str, problems: list[str]) -> tuple[Optional[str], str, int]:
     """(dir, layout, num_heads) of the DiT under root (official at the top, diffusers in transformer/)."""
-    top = _read_json(os.path.join(root, "config.json"))
+    top = read_json(os.path.join(root, "config.json"))
     if top is not None and "num_heads" in top and "dim" in top:
         if _has_weights(root):
             return root, "official", int(top["num_heads"])
         problems.append(f"DiT weights diffusion_pytorch_model*.safetensors next to {root}/config.json")
         return None, "official", 0
     sub = os.path.join(root, "transformer")
-    cfg = _read_json(os.path.join(sub, "config.json"))
+    cfg = read_json(os.path.join(sub, "config.json"))
     if cfg is not None and "num_attention_heads" in cfg:
         if _has_weights(sub):
             return sub, "diffusers", int(cfg["num_attention_heads"])
         problems.append(f"DiT weights diffusion_pytorch_model*.safetensors in {sub}")
         return None, "diffusers", 0
     high = os.path.join(root, HIGH_NOISE_DIR)
-    cfg = _read_json(os.path.join(high, "config.json"))
+    cfg = read_json(os.path.join(high, "config.json"))
     if cfg is not None and "num_heads" in cfg:
         if _has_weights(high):
             return high, "official", int(cfg["num_heads"])
@@ -90,11 +83,11 @@ def _find_second_expert(root: str, dit: Optional[str], layout: str, problems: li
             return None
         low = os.path.join(root, LOW_NOISE_DIR)
     else:
-        entry = (_read_json(os.path.join(root, "model_index.json")) or {}).get("transformer_2")
+        entry = (read_json(os.path.join(root, "model_index.json")) or {}).get("transformer_2")
         if not entry or entry[0] is None:
             return None
         low = os.path.join(root, "transformer_2")
-    if _has_weights(low) and _read_json(os.path.join(low, "config.json")) is not None:
+    if _has_weights(low) and read_json(os.path.join(low, "config.json")) is not None:
         return low
     problems.append(f"the low-noise expert: config.json + diffusion_pytorch_model*.safetensors in {low}")
     return None
