@@ -17,9 +17,9 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from lightx2v_sp.jsonfile import read_json
-from typing import Optional
 
 T5_OFFICIAL = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_OFFICIAL = "Wan2.1_VAE.pth"
