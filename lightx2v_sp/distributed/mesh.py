@@ -44,6 +44,9 @@ def check_layout(world_size: int, ulysses_degree: int, cfg_degree: int, num_head
     The one place the layout is checked: preflight calls it before any collective, ParallelDims
     again when it builds the groups, and the heads once more wherever they are split.
     """
+    if num_heads is not None and num_heads < 1:  # before the text stage: a broken config.json fails in seconds
+        raise ValueError(f"the DiT's config.json gives num_heads={num_heads}; it must be a positive integer "
+                         "(the checkpoint's config is broken)")
     for name, value in (("ulysses_degree", ulysses_degree), ("cfg_degree", cfg_degree)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
