@@ -78,6 +78,28 @@ def on_device(make, device, dtype):
         torch.set_default_dtype(default)
 
 
+def stage_timer(memory: StageMemory, times: dict, device: torch.device):
+    """stage(name, fn): run fn, its seconds into times[name] (CUDA-synchronised) and its peak into memory."""
+    def stage(name, fn):
+        with memory.stage(name):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name] = time.perf_counter() - t0
+        return out
+    return stage
+
+
+def text_config(wan_cfg: WanConfig, tiny: bool) -> T5Config:
+    """umt5-xxl, or a toy UMT5 of the tiny DiT's text width."""
+    if tiny:
+        return T5Config(vocab_size=256, d_model=wan_cfg.text_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=4)
+    return T5Config.umt5_xxl()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(SIZES), default="1.3b")
@@ -106,23 +128,12 @@ def main() -> None:
     tiny = args.config.startswith("tiny")
     wan_cfg = (WanConfig.tiny(in_dim=36, model_type="i2v", image_dim=32) if args.config == "tiny-i2v"
                else WanConfig.named("t2v-a14b" if args.config == "a14b" else args.config))
-    t5_cfg = (T5Config(vocab_size=256, d_model=wan_cfg.text_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=4)
-              if tiny else T5Config.umt5_xxl())
+    t5_cfg = text_config(wan_cfg, tiny)
     cfg = load_config(None, [f"sample.steps={args.steps}", f"sample.height={size['height']}",
                              f"sample.width={size['width']}", f"sample.num_frames={size['frames']}",
                              "sample.guidance_scale=5.0", "sample.shift=3.0", f"offload.dit={args.offload}"])
     memory, times = StageMemory(device), {}
-
-    def stage(name, fn):
-        with memory.stage(name):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name] = time.perf_counter() - t0
-        return out
+    stage = stage_timer(memory, times, device)
 
     with torch.no_grad():
         encoder = on_device(lambda: T5Encoder(t5_cfg), device, dtype).eval()
@@ -259,25 +270,14 @@ def distill_main(args) -> None:
     size = SIZES[args.config]
     tiny = args.config == "tiny"
     wan_cfg = WanConfig.named(args.config.split("-")[0])
-    t5_cfg = (T5Config(vocab_size=256, d_model=wan_cfg.text_dim, d_kv=16, d_ff=64, num_layers=2, num_heads=4)
-              if tiny else T5Config.umt5_xxl())
+    t5_cfg = text_config(wan_cfg, tiny)
     common = [f"sample.height={size['height']}", f"sample.width={size['width']}",
               f"sample.num_frames={size['frames']}", "sample.shift=5.0"]
     distill_cfg = load_config(None, common + ["sample.steps=4", "sample.guidance_scale=1", "sample.scheduler=euler",
                                               f"sample.timesteps=[{','.join(map(str, DISTILL_TIMESTEPS))}]"])
     cfg_cfg = load_config(None, common + [f"sample.steps={args.cfg_steps}", "sample.guidance_scale=5.0"])
     memory, times = StageMemory(device), {}
-
-    def stage(name, fn):
-        with memory.stage(name):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name] = time.perf_counter() - t0
-        return out
+    stage = stage_timer(memory, times, device)
 
     with torch.no_grad():
         encoder = on_device(lambda: T5Encoder(t5_cfg), device, dtype).eval()

@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .transport import unregister_host
+
 # Where the shared file lives: a tmpfs. LIGHTX2V_SP_SHM_DIR picks another directory (any local file
 # system works: the mapping is MAP_SHARED and the file is unlinked at once) where /dev/shm is small.
 SHM_DIR = os.environ.get("LIGHTX2V_SP_SHM_DIR", "/dev/shm")
@@ -121,9 +123,5 @@ class NodeSharedHost:
 
     def __del__(self) -> None:
         if self._registered is not None:
-            try:
-                torch.cuda.synchronize()  # no copy may still read the pages being unlocked
-                torch.cuda.cudart().cudaHostUnregister(self._registered)
-            except Exception:  # interpreter shutdown: CUDA may already be torn down
-                pass
+            unregister_host(self._registered)
             self._registered = None

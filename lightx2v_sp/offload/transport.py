@@ -123,11 +123,7 @@ class PinnedHostBuffer:
 
     def __del__(self) -> None:
         if self._registered_ptr is not None:
-            try:
-                torch.cuda.synchronize()  # no copy may still read the pages being unlocked
-                torch.cuda.cudart().cudaHostUnregister(self._registered_ptr)
-            except Exception:  # interpreter shutdown: CUDA may already be torn down
-                pass
+            unregister_host(self._registered_ptr)
             self._registered_ptr = None
 
 
@@ -172,3 +168,12 @@ class CudaTransport(Transport):
     def synchronize(self) -> None:
         self.copy_stream.synchronize()
         torch.cuda.current_stream(self.device).synchronize()
+
+
+def unregister_host(ptr: int) -> None:
+    """Undo cudaHostRegister of the pages at `ptr` (from a __del__: never raises)."""
+    try:
+        torch.cuda.synchronize()  # no copy may still read the pages being unlocked
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may already be torn down
+        pass
