@@ -100,6 +100,14 @@ def text_config(wan_cfg: WanConfig, tiny: bool) -> T5Config:
     return T5Config.umt5_xxl()
 
 
+def random_prompts(t5_cfg: T5Config, real_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts padded to 512 tokens as Wan pads them, `real_tokens` of them real."""
+    ids = torch.randint(1, t5_cfg.vocab_size, (2, 512), device=device)
+    mask = torch.zeros(2, 512, dtype=torch.long, device=device)
+    mask[:, :real_tokens] = 1
+    return ids, mask
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=list(SIZES), default="1.3b")
@@ -137,9 +145,7 @@ def main() -> None:
 
     with torch.no_grad():
         encoder = on_device(lambda: T5Encoder(t5_cfg), device, dtype).eval()
-        ids = torch.randint(1, t5_cfg.vocab_size, (2, 512), device=device)
-        mask = torch.zeros(2, 512, dtype=torch.long, device=device)
-        mask[:, :args.prompt_tokens] = 1
+        ids, mask = random_prompts(t5_cfg, args.prompt_tokens, device)
         stage("text (2 prompts)", lambda: encoder(ids, mask))
         context = stage("text (2 prompts)", lambda: encoder(ids, mask))  # second call: warm
         del encoder
@@ -281,9 +287,7 @@ def distill_main(args) -> None:
 
     with torch.no_grad():
         encoder = on_device(lambda: T5Encoder(t5_cfg), device, dtype).eval()
-        ids = torch.randint(1, t5_cfg.vocab_size, (2, 512), device=device)
-        mask = torch.zeros(2, 512, dtype=torch.long, device=device)
-        mask[:, :args.prompt_tokens] = 1
+        ids, mask = random_prompts(t5_cfg, args.prompt_tokens, device)
         encoder(ids, mask)  # warm-up
         one = stage("text, 1 prompt (no CFG)", lambda: encoder(ids[:1], mask[:1]))
         two = stage("text, 2 prompts (CFG)", lambda: encoder(ids, mask))

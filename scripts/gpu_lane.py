@@ -129,7 +129,6 @@ def _run_configs(args, world: int) -> list[dict]:
         if rc != 0:
             rows.append({"part": "configs", "name": f"{nproc} rank(s)", "layout": "-", "diff": None,
                          "seconds": round(seconds, 1), "ok": False, "detail": tail})
-            continue
     import torch
 
     for job in one + many:

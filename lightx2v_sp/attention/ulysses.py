@@ -23,7 +23,7 @@ from ..distributed.wire import COMM_DTYPES
 from .backends import attention
 from .options import UlyssesOptions
 
-__all__ = ["COMM_DTYPES", "UlyssesOptions", "check_options", "ulysses_attention"]
+__all__ = ["COMM_DTYPES", "UlyssesOptions", "ulysses_attention"]
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -32,10 +32,6 @@ def _offsets(sizes: list[int]) -> list[int]:
         out.append(acc)
         acc += s
     return out
-
-
-def check_options(a2a: str, comm_dtype: str | None) -> None:
-    UlyssesOptions(a2a=a2a, comm_dtype=comm_dtype)
 
 
 def _check(q, k, v, size, rank, seq_sizes):

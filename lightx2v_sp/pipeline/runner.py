@@ -177,13 +177,11 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     video, rows = None, [0] * world
 
     def decode(world_: int, rank_: int):
-        piece, rows = decode_rows(vae, latents, device, cfg.vae, cfg.offload.vae, world_, rank_)
-        return gather_video(piece, rows, world_, rank_), rows
+        return decode_rows(vae, latents, device, cfg.vae, cfg.offload.vae, world_, rank_)
 
     if split_decode:
         with stages("decode"):  # every rank decodes its band of rows; rank 0 gathers them
-            piece, rows = agreed("decoding the video", lambda: decode_rows(vae, latents, device, cfg.vae,
-                                                                            cfg.offload.vae, world, rank))
+            piece, rows = agreed("decoding the video", lambda: decode(world, rank))
             video = gather_video(piece, rows, world, rank)
             del piece
 
@@ -193,7 +191,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
             return
         if not split_decode:  # rank 0 alone, inside the heartbeat stage: the others wait on rank0_stage
             with stages("decode"):
-                video, rows = decode(1, 0)
+                piece, rows = decode(1, 0)
+                video = gather_video(piece, rows, 1, 0)
                 rows += [0] * (world - 1)
         check_video(video)
         with stages("write"):
