@@ -7,6 +7,8 @@ bits on every rank, and so are the scheduler states.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from tqdm import tqdm
 
@@ -94,6 +96,8 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
     batch = latents.shape[0]
     num_steps = len(scheduler.timesteps)
     forwards = 0
+    step_times = []  # wall seconds per step: check_latents syncs the device once per step anyway
+    last = time.perf_counter()
     # `with`: an error or a signal mid-loop still ends the bar's line, so the error starts its own
     with tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True) as bar:
         for step, t in enumerate(bar, start=1):
@@ -113,10 +117,13 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
             velocity = guided_prediction(forward, contexts.cond, contexts.uncond, scale, dims)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             check_latents(latents, step, num_steps)
+            now = time.perf_counter()
+            step_times.append(round(now - last, 4))
+            last = now
     if first_frame is not None:
         latents = with_first_frame(latents, first_frame)
     if stats is not None:
-        stats.update(dit_forwards=forwards, steps=num_steps,
+        stats.update(dit_forwards=forwards, steps=num_steps, step_times_s=step_times,
                      timesteps=[round(float(t), 3) for t in scheduler.timesteps])
     return latents.float()
 
