@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lightx2v_sp.attention import resolve_backend
-from lightx2v_sp.config import to_dict
+from lightx2v_sp.config import to_dict, uses_cfg
 from lightx2v_sp.distributed import CommStats, ParallelDims, check_layout, resolve_ulysses_degree
 from lightx2v_sp.distributed.groups import job_size_rank
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
@@ -204,6 +204,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len,
                                   "cut_tokens": cut_tokens}  # beyond text_len, per prompt (warned)
         result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
+                                     "classifier_free_guidance": uses_cfg(s),  # diffusers: guidance_scale > 1
                                      "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
