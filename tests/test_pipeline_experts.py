@@ -58,6 +58,26 @@ def test_open_image_errors(tmp_path):
     assert img.mode == "RGB" and img.getpixel((0, 0)) == (10, 20, 30)
 
 
+@pytest.mark.parametrize("ext", ["jpg", "png"])
+def test_exif_orientation_is_applied(tmp_path, ext):
+    """A phone portrait is stored landscape with EXIF orientation 6 (rotate 90 degrees clockwise to view);
+    the frame must come out upright, as diffusers' load_image (ImageOps.exif_transpose) gives it."""
+    from diffusers.utils import load_image
+
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)  # 48 wide, 32 high; left third white
+    stored[:, :16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    path = str(tmp_path / f"phone.{ext}")
+    Image.fromarray(stored).save(path, exif=exif)
+    img = open_image(path)
+    assert img.size == (32, 48)  # upright: portrait
+    upright = np.asarray(img)
+    # rotated clockwise, the stored left third becomes the top third
+    assert upright[:14].min() > 200 and upright[18:].max() < 50
+    assert np.array_equal(upright, np.asarray(load_image(path)))
+
+
 def test_fit_image_stretch_is_diffusers_and_crop_keeps_the_centre():
     from diffusers.video_processor import VideoProcessor
 
