@@ -113,3 +113,22 @@ def test_first_copy_into_reused_memory_waits_for_queued_compute():
     transport.wait(transport.copy_async(dst, host))
     torch.cuda.synchronize()
     assert (dst == 2).all(), "the copy ran before the compute that still used the memory"
+
+
+def test_close_frees_the_pinned_host_copy():
+    """After the last denoise step (Experts.release -> close) the pinned host blocks are unregistered and
+    freed, and the blocks can no longer run (instead of reading freed memory)."""
+    import weakref
+
+    model = ToyModel(4).eval().to(DEV)
+    handle = enable_block_offload(model.blocks, DEV)
+    pinned = [weakref.ref(b) for b in handle.transport._keepalive]
+    assert len(pinned) == 4
+    x = torch.randn(2, 8, 16, device=DEV)
+    with torch.inference_mode():
+        model(x)
+    handle.close()
+    assert handle.transport._keepalive == [] and all(ref() is None for ref in pinned)
+    assert all(len(b._forward_pre_hooks) == 0 for b in model.blocks)
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        model(x)

@@ -47,6 +47,10 @@ class Transport(ABC):
     def host_empty(self, nbytes: int) -> torch.Tensor:
         """A flat uint8 host buffer the device can copy from asynchronously (pinned on CUDA)."""
 
+    def host_free(self, tensor: torch.Tensor) -> None:
+        """Give back what `host_empty` allocated for `tensor` (pinning, bookkeeping); the memory itself
+        goes when the last tensor viewing it does."""
+
     @abstractmethod
     def device_empty(self, nbytes: int) -> torch.Tensor:
         """A flat uint8 buffer on the compute device."""
@@ -145,6 +149,9 @@ class CudaTransport(Transport):
         buf = PinnedHostBuffer(nbytes)
         self._keepalive.append(buf)  # registration lives as long as this transport
         return buf.tensor
+
+    def host_free(self, tensor: torch.Tensor) -> None:
+        self._keepalive = [b for b in self._keepalive if b.tensor.data_ptr() != tensor.data_ptr()]
 
     def device_empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
