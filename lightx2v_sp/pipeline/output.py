@@ -4,8 +4,8 @@ A reader never sees a half-written video: the frames go to a hidden temporary fi
 directory (so the rename stays on one filesystem), which replaces the target only once complete;
 any failure (SIGINT and SIGTERM included: they raise) removes the temporary file. The video and its
 summary are committed together (`OutputPair`), so a failure never pairs one run's summary with
-another run's video. `check_writable`
-runs before the expensive work so an unwritable path fails in seconds, not after the denoising.
+another run's video. `check_writable` runs before the expensive work so an unwritable path fails in
+seconds, not after the denoising.
 
 Never replace a file this tool did not write. Ours are recognised by the summary: the JSON next to
 the video carries `"lightx2v_sp_summary": 1` and the video's name. So the summary path may be
