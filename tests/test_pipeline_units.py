@@ -102,16 +102,14 @@ def test_guidance_at_or_below_one_is_off_like_diffusers(tmp_path):
     guidance 1, one DiT forward per step, no negative prompt encoded, and the summary says so."""
     config = os.path.join(os.path.dirname(__file__), "..", "configs", "wan_t2v_tiny.yaml")
     runs = {}
-    for scale in ("1", "0", "1.5"):
+    for scale in ("1", "0"):
         cfg = load_config(config, ["sample.steps=2", "parallel.ulysses_degree=1", f"sample.guidance_scale={scale}",
                                    f"output.path={tmp_path}/g{scale}.mp4"])
         runs[scale] = run(cfg, torch.device("cpu"), progress=False)
-    off, on = runs["0"].summary, runs["1.5"].summary
+    off = runs["0"].summary  # with guidance (5.0) the same run makes 4 forwards: test_summary_fields et al.
     assert torch.equal(runs["0"].latents, runs["1"].latents)
     assert off["denoise"]["dit_forwards"] == 2 and off["denoise"]["classifier_free_guidance"] is False
     assert len(off["text"]["prompt_tokens"]) == 1  # the negative prompt was not encoded
-    assert on["denoise"]["dit_forwards"] == 4 and on["denoise"]["classifier_free_guidance"] is True
-    assert len(on["text"]["prompt_tokens"]) == 2
 
 
 @pytest.mark.parametrize("name", ["unipc", "euler"])
