@@ -52,9 +52,11 @@ class ModelConfig:
 @dataclass
 class SampleConfig:
     steps: int = _f(50, "number of denoising steps")
-    guidance_scale: float = _f(5.0, "classifier-free guidance scale; 1.0 disables the unconditional pass")
+    guidance_scale: float = _f(5.0, "classifier-free guidance scale; <= 1 turns guidance off (diffusers' rule): one "
+                                     "DiT forward per step, no negative prompt encoded")
     guidance_scale_2: Optional[float] = _f(None, "two-expert models: guidance scale of the low-noise expert "
-                                                 "(guidance_scale is the high-noise one's); null = guidance_scale")
+                                                 "(guidance_scale is the high-noise one's); null = guidance_scale. "
+                                                 "Used only when guidance_scale > 1 turns guidance on")
     boundary_ratio: Optional[float] = _f(None, "two-expert models: the high-noise expert runs while timestep >= "
                                                "boundary_ratio x 1000; null = from the checkpoint")
     shift: float = _f(5.0, "flow-matching timestep shift (Wan: 5.0 at 720p, 3.0 at 480p)")
@@ -255,6 +257,15 @@ UPPER_BOUND_WHY = {"height": "beyond 4K a video's tokens cannot fit in any GPU's
                    "steps": "the sampler has 1000 training timesteps; more steps would repeat them"}
 
 
+def uses_cfg(sample: SampleConfig) -> bool:
+    """Whether a run does classifier-free guidance: diffusers' WanPipeline rule, `guidance_scale > 1`.
+
+    At <= 1 it runs one DiT forward per step and encodes no negative prompt, for both experts of a
+    two-expert model (guidance_scale_2 is then unused); above 1 both experts run both passes, each
+    with its own scale."""
+    return sample.guidance_scale > 1.0
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Value checks that types alone cannot express."""
     _check_choices(cfg)
@@ -266,8 +277,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                                 ("vae.tiling", cfg.vae.tiling, 1)]:
         if value < minimum:
             raise ValueError(f"config key '{key}' = {value} must be >= {minimum}")
-    for key, value in [("sample.guidance_scale", s.guidance_scale), ("sample.shift", s.shift)]:
-        if not math.isfinite(value):
+    for key, value in [("sample.guidance_scale", s.guidance_scale), ("sample.guidance_scale_2", s.guidance_scale_2),
+                       ("sample.shift", s.shift)]:
+        if value is not None and not math.isfinite(value):
             raise ValueError(f"config key '{key}' = {value} is not a finite number; every latent would be "
                              "NaN and the video black")
     if s.shift <= 0:
@@ -294,13 +306,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     if s.boundary_ratio is not None and not 0.0 <= s.boundary_ratio <= 1.0:
         raise ValueError(f"sample.boundary_ratio = {s.boundary_ratio} must be in [0, 1] (a fraction of the 1000 "
                          "training timesteps); null takes it from the checkpoint")
-    if s.guidance_scale == 1.0 and s.guidance_scale_2 not in (None, 1.0):
+    if not uses_cfg(s) and s.guidance_scale_2 not in (None, 1.0):
         raise ValueError(f"sample.guidance_scale_2 = {s.guidance_scale_2} needs the unconditional pass, which "
-                         "sample.guidance_scale = 1.0 turns off (no negative prompt is encoded); set "
-                         "guidance_scale != 1 or guidance_scale_2 = 1")
-    if p.cfg_degree == 2 and s.guidance_scale == 1.0:
-        raise ValueError("parallel.cfg_degree=2 needs classifier-free guidance, but sample.guidance_scale=1.0 "
-                         "skips the unconditional pass; half of the ranks would idle")
+                         f"sample.guidance_scale = {s.guidance_scale} (<= 1) turns off (no negative prompt is "
+                         "encoded); set guidance_scale > 1 or guidance_scale_2 = 1")
+    if p.cfg_degree == 2 and not uses_cfg(s):
+        raise ValueError(f"parallel.cfg_degree=2 needs classifier-free guidance, but sample.guidance_scale="
+                         f"{s.guidance_scale} (<= 1) skips the unconditional pass; half of the ranks would idle")
     _validate_timesteps(s)
     for i, entry in enumerate(cfg.lora):
         if not entry.path:

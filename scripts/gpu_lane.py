@@ -254,13 +254,13 @@ def _worker_configs(args, device) -> int:
 
     from lightx2v_sp.config import load_config
     from lightx2v_sp.models.vae import to_uint8_frames
-    from lightx2v_sp.pipeline import runner
+    from lightx2v_sp.pipeline import output, runner
 
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:  # GPU machines may lack ffmpeg: the lane compares frames, not mp4 files
         runner.check_video_writer = lambda: None
-        runner.write_video = lambda frames, path, fps: None
+        output.encode_video = lambda frames, path, fps: None  # the mp4 stays an empty file
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(args.jobs) as f:
         jobs = json.load(f)

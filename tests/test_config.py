@@ -79,9 +79,13 @@ def test_bad_values(override, fragment):
     assert fragment in str(err.value)
 
 
-def test_cfg_parallel_without_guidance_is_rejected():
+@pytest.mark.parametrize("scale", ["1.0", "0.5", "0", "-2"])
+def test_cfg_parallel_without_guidance_is_rejected(scale):
+    """diffusers turns guidance off at guidance_scale <= 1 (WanPipeline.do_classifier_free_guidance)."""
     with pytest.raises(ValueError, match="cfg_degree=2 needs classifier-free guidance"):
-        load_config(None, ["parallel.cfg_degree=2", "sample.guidance_scale=1.0"])
+        load_config(None, ["parallel.cfg_degree=2", f"sample.guidance_scale={scale}"])
+    with pytest.raises(ValueError, match="guidance_scale_2 = 3.0 needs the unconditional pass"):
+        load_config(None, [f"sample.guidance_scale={scale}", "sample.guidance_scale_2=3.0"])
 
 
 def test_missing_file_and_bad_override_syntax():

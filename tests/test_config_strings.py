@@ -61,6 +61,8 @@ def test_config_directory_is_one_line(tmp_path):
 @pytest.mark.parametrize("override, fragment", [
     ("sample.guidance_scale=nan", "'sample.guidance_scale' = nan is not a finite number"),
     ("sample.guidance_scale=inf", "'sample.guidance_scale' = inf is not a finite number"),
+    ("sample.guidance_scale_2=nan", "'sample.guidance_scale_2' = nan is not a finite number"),
+    ("sample.guidance_scale_2=-inf", "'sample.guidance_scale_2' = -inf is not a finite number"),
     ("sample.shift=-inf", "'sample.shift' = -inf is not a finite number"),
     ("sample.shift=0", "'sample.shift' = 0.0 must be > 0"),
     (f"seed={2 ** 64}", "'seed' = 18446744073709551616 is outside torch.Generator's range"),

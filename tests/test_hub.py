@@ -201,3 +201,53 @@ def test_local_ranks_download_once(tmp_path):
     assert sorted(x for x in lines if not x.startswith("got")) == ["cache", "download"]  # downloaded once
     got = {x for x in lines if x.startswith("got")}
     assert len(got) == 1 and got.pop().endswith("d" * 40)  # both ranks use the same snapshot
+
+
+OFFICIAL_I2V_CONFIG = {"_class_name": "WanModel", "model_type": "i2v", "dim": 96, "num_heads": 6, "in_dim": 36}
+
+
+@pytest.mark.parametrize("model_type, fragment", [("i2v", "official-layout Wan2.1 I2V model: its CLIP encoder"),
+                                                  ("ti2v", "official-layout Wan2.2 TI2V-5B model")])
+def test_official_layouts_we_cannot_run_are_refused_from_their_config(tmp_path, monkeypatch, model_type, fragment):
+    """Offline: a cached snapshot holding only the config.json of an official Wan2.1 I2V / TI2V repo is refused
+    for what it is (not as an incomplete download)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(dict(OFFICIAL_I2V_CONFIG, model_type=model_type)))
+    cache = str(tmp_path / "hub")
+    snap = add_snapshot(cache, "Wan-AI/Official-tiny", "e" * 40, str(src), refs=["main"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", cache)
+    with pytest.raises(ValueError, match=fragment) as err:
+        model_paths_for(ModelConfig(path="Wan-AI/Official-tiny"))
+    assert snap in str(err.value) and "-Diffusers layout" in str(err.value)
+
+
+def test_official_i2v_repo_is_refused_before_its_weights_are_fetched(tmp_path, monkeypatch):
+    """Online: the first request fetches only the top-level configs; a refused checkpoint stops there (no DiT
+    shards, no CLIP .pth), and a runnable one is then fetched whole at the commit its configs came from."""
+    import huggingface_hub
+
+    calls = []
+    configs = {"org/i2v": OFFICIAL_I2V_CONFIG, "org/t2v": dict(OFFICIAL_I2V_CONFIG, model_type="t2v", in_dim=16)}
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append(dict(kw, repo_id=repo_id))
+        snap = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--")) / "snapshots" / ("f" * 40)
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / "config.json").write_text(json.dumps(configs[repo_id]))
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match="official-layout Wan2.1 I2V model"):
+        model_paths_for(ModelConfig(path="org/i2v"))
+    assert [c["allow_patterns"] for c in calls] == [list(hub.CONFIG_PATTERNS)]
+    calls.clear()
+    with pytest.raises(ValueError, match="is incomplete"):  # the fake hub has no weights: fetched, then missed
+        model_paths_for(ModelConfig(path="org/t2v", revision="v1"))
+    assert [(c["revision"], c["allow_patterns"]) for c in calls] == [
+        ("v1", list(hub.CONFIG_PATTERNS)), ("f" * 40, list(hub.ALLOW_PATTERNS))]
+    assert not any(p.startswith(("models_clip", "xlm-roberta")) or "Wan2.2_VAE" in p for p in hub.ALLOW_PATTERNS)

@@ -89,6 +89,43 @@ def test_cross_attention_kv_slices_differences_and_biases():
                                base["blocks.0.self_attn.norm_q.weight"] + 2 * diff_b, atol=2e-6, rtol=0)
 
 
+def test_lightx2v_modulation_differences():
+    """LightX2V's distill LoRAs carry `<module>.diff_m`, a difference for `<module>.modulation` (its loader:
+    lightx2v/utils/lora_loader.py; Kijai's WanVideoWrapper renames it `<module>.modulation.diff`)."""
+    g = torch.Generator().manual_seed(8)
+    block, head = torch.randn(1, 6, DIM, generator=g), torch.randn(1, 2, DIM, generator=g)
+    base = dict(model().state_dict())
+    out = merged({"diffusion_model.blocks.1.diff_m": block, "diffusion_model.head.diff_m": head}, scale=0.5)
+    torch.testing.assert_close(out["blocks.1.modulation"], base["blocks.1.modulation"] + 0.5 * block, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out["head.modulation"], base["head.modulation"] + 0.5 * head, atol=2e-6, rtol=0)
+    assert [k for k in base if not torch.equal(base[k], out[k])] == ["blocks.1.modulation", "head.modulation"]
+    kijai = merged({"diffusion_model.blocks.1.modulation.diff": block, "diffusion_model.head.modulation.diff": head},
+                   scale=0.5)
+    assert all(torch.equal(out[k], kijai[k]) for k in base)
+
+
+@pytest.mark.parametrize("sd, key", [
+    # a difference stored transposed: [DIM, 256] for the [256, DIM] ffn.0 weight (same element count)
+    ({"diffusion_model.blocks.0.ffn.0.diff": torch.ones(DIM, 256)}, "diffusion_model.blocks.0.ffn.0.diff"),
+    # a pair whose product is the transpose: down [4, 256], up [DIM, 4] -> [DIM, 256]
+    ({"blocks.0.ffn.0.lora_down.weight": torch.ones(4, 256), "blocks.0.ffn.0.lora_up.weight": torch.ones(DIM, 4)},
+     "blocks.0.ffn.0.lora_down.weight + blocks.0.ffn.0.lora_up.weight"),
+    # a modulation table flattened: [6, DIM] for [1, 6, DIM]
+    ({"blocks.0.diff_m": torch.ones(6, DIM)}, "blocks.0.diff_m"),
+])
+def test_update_shapes_must_match_exactly(tmp_path, sd, key):
+    """The same element count in another shape is no match: one error line naming the file and the key."""
+    path = str(tmp_path / "lora.safetensors")
+    save_file(sd, path)
+    m, before = model(), dict(model().state_dict())
+    with pytest.raises(ValueError) as err:
+        merge_lora(m, [LoraEntry({"blocks.1.self_attn.o.diff_b": torch.ones(DIM)}), LoraEntry(path)])
+    msg = str(err.value)
+    assert msg.startswith(f"LoRA {path}: {key} updates ") and "\n" not in msg, msg
+    assert ("its transpose" in msg) == ("ffn" in key)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # nothing merged, not even entry 1
+
+
 def test_bf16_weights_are_merged_in_fp32_and_rounded_once():
     down, up = pair(5)
     m = model().set_dtype(torch.bfloat16)
@@ -106,7 +143,9 @@ def test_bf16_weights_are_merged_in_fp32_and_rounded_once():
      r"3 key\(s\) match no layer.*text_encoder.*blocks\.7\.attn1\.to_q\.lora_A\.weight"),
     ({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, DIM)}, r"1 key\(s\) match no layer.*self_attn\.q"),
     ({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 32), "blocks.0.self_attn.q.lora_B.weight":
-      torch.zeros(DIM, 4)}, r"has shape \(96, 32\).*is \(96, 96\); the adapter was trained for a different"),
+      torch.zeros(DIM, 4)}, r"lora_A.weight \+ blocks.0.self_attn.q.lora_B.weight updates blocks.0.self_attn.q.weight "
+                            r"with shape \(96, 32\), but the model's tensor is \(96, 96\) \(the adapter was trained for "
+                            r"a different model size"),
     ({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, DIM), "blocks.0.self_attn.q.lora_B.weight":
       torch.zeros(DIM, 2)}, "their ranks differ"),
     ({"blocks.0.self_attn.q.dora_scale": torch.zeros(DIM)}, "DoRA"),

@@ -224,3 +224,48 @@ def test_wan_blocks_bit_identical():
         for _ in range(2):
             assert torch.equal(model(x, t, ctx), expected)
     assert check_schedule(transport, host_ptrs(handle)) == [0, 1, 2] * 2 + [0]
+
+
+def test_cuda_copy_without_event_waits_for_the_compute_stream(monkeypatch):
+    """CudaTransport.copy_async(after=None) (first copies into fresh block buffers, the swap placement)
+    must order the copy stream after the compute stream: the caching allocator may hand out memory that
+    queued kernels still use. CUDA itself is faked (streams and events record what is asked of them)."""
+    import contextlib
+
+    from lightx2v_sp.offload import CudaTransport
+
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, event):
+            log.append(("wait_event", self.name, event))
+
+        def wait_stream(self, other):
+            log.append(("wait_stream", self.name, other.name))
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream.name))
+
+    compute = Stream("compute")
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(("enter", stream.name))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    transport = CudaTransport.__new__(CudaTransport)
+    transport.device, transport.copy_stream = torch.device("cuda", 0), Stream("copy")
+    src, dst = torch.arange(8, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)
+    transport.copy_async(dst, src)
+    assert log == [("wait_stream", "copy", "compute"), ("enter", "copy"), ("record", "copy")]
+    assert torch.equal(dst, src)
+    log.clear()
+    transport.copy_async(dst, src, after="slot free")
+    assert log == [("wait_event", "copy", "slot free"), ("enter", "copy"), ("record", "copy")]

@@ -92,3 +92,43 @@ def test_wan_block_offload_on_cuda():
         for _ in range(3):
             assert torch.equal(model(x, t, ctx), expected)
     assert handle.active
+
+
+def test_first_copy_into_reused_memory_waits_for_queued_compute():
+    """A buffer handed out by the caching allocator may be memory whose last kernels are still queued:
+    here a fill of the freed tensor runs after a long sleep on the compute stream. A copy (no `after`
+    event) that does not wait for the compute stream lands first and is then overwritten by the fill."""
+    transport = CudaTransport(DEV)
+    nbytes = 8 << 20
+    host = transport.host_empty(nbytes)
+    host.fill_(2)
+    old = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    ptr = old.data_ptr()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of compute still queued when the copy is issued
+    old.fill_(1)
+    del old  # back to the allocator while its fill is still queued
+    dst = transport.device_empty(nbytes)
+    if dst.data_ptr() != ptr:
+        pytest.skip("the caching allocator did not hand the same block back")
+    transport.wait(transport.copy_async(dst, host))
+    torch.cuda.synchronize()
+    assert (dst == 2).all(), "the copy ran before the compute that still used the memory"
+
+
+def test_close_frees_the_pinned_host_copy():
+    """After the last denoise step (Experts.release -> close) the pinned host blocks are unregistered and
+    freed, and the blocks can no longer run (instead of reading freed memory)."""
+    import weakref
+
+    model = ToyModel(4).eval().to(DEV)
+    handle = enable_block_offload(model.blocks, DEV)
+    pinned = [weakref.ref(b) for b in handle.transport._keepalive]
+    assert len(pinned) == 4
+    x = torch.randn(2, 8, 16, device=DEV)
+    with torch.inference_mode():
+        model(x)
+    handle.close()
+    assert handle.transport._keepalive == [] and all(ref() is None for ref in pinned)
+    assert all(len(b._forward_pre_hooks) == 0 for b in model.blocks)
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        model(x)

@@ -137,3 +137,57 @@ def test_sigterm_during_a_run_is_one_error_line(tmp_path):
     assert proc.returncode == 143 and lines == ["error: interrupted by SIGTERM; no video was written"], lines
     assert "Traceback" not in rest.decode(errors="replace")
     assert os.listdir(out.parent) == []
+
+
+def test_a_failure_between_video_and_summary_keeps_the_previous_pair(tmp_path, monkeypatch):
+    """The summary is built after the video is encoded (to time the write): a failure there, or in the
+    renames, must leave the previous run's video and summary together, never its JSON beside a new video."""
+    import torch
+
+    from lightx2v_sp.config import load_config
+    from lightx2v_sp.pipeline import AgreedError, runner
+
+    out = tmp_path / "v.mp4"
+    config = os.path.join(ROOT, "configs", "wan_t2v_tiny.yaml")
+    base = ["sample.steps=1", "parallel.ulysses_degree=1", f"output.path={out}"]
+    runner.run(load_config(config, base), torch.device("cpu"), progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["v.json", "v.mp4"]
+
+    def failing_plan(*args, **kwargs):
+        raise RuntimeError("planted failure after the video was written")
+
+    monkeypatch.setattr(runner, "plan_summary", failing_plan)
+    with pytest.raises(AgreedError, match="planted failure"):
+        runner.run(load_config(config, base + ["seed=7"]), torch.device("cpu"), progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("previous", [True, False])
+def test_output_pair_rolls_back_when_the_video_rename_fails(tmp_path, monkeypatch, previous):
+    """Renames: the summary goes first and is put back (or removed) if the video's rename fails."""
+    import numpy as np
+
+    video = tmp_path / "v.mp4"
+    if previous:
+        _ours(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(video):
+            raise OSError("planted: disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="planted"):
+        with output.OutputPair(str(video)) as pair:
+            pair.stage_video(np.zeros((1, 16, 16, 3), dtype=np.uint8), fps=8)
+            pair.commit({"stage_times_s": {"new": 1}})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # temporary files gone too
+    monkeypatch.setattr(os, "replace", real_replace)
+    with output.OutputPair(str(video)) as pair:
+        pair.stage_video(np.zeros((1, 16, 16, 3), dtype=np.uint8), fps=8)
+        pair.commit({"stage_times_s": {"new": 1}})
+    assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"] and video.read_bytes() != b"old video"
+    assert json.loads((tmp_path / "v.json").read_text())["stage_times_s"] == {"new": 1}

@@ -1,9 +1,11 @@
 """Two-expert and image-input pieces: image checks and fitting, kind detection, input errors
 (one error before any compute), and expert switching under offload (swap / block) on CPU."""
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -56,6 +58,26 @@ def test_open_image_errors(tmp_path):
     Image.new("RGBA", (8, 4), (10, 20, 30, 0)).save(tmp_path / "alpha.png")
     img = open_image(str(tmp_path / "alpha.png"))  # alpha dropped, as Wan's loader does
     assert img.mode == "RGB" and img.getpixel((0, 0)) == (10, 20, 30)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png"])
+def test_exif_orientation_is_applied(tmp_path, ext):
+    """A phone portrait is stored landscape with EXIF orientation 6 (rotate 90 degrees clockwise to view);
+    the frame must come out upright, as diffusers' load_image (ImageOps.exif_transpose) gives it."""
+    from diffusers.utils import load_image
+
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)  # 48 wide, 32 high; left third white
+    stored[:, :16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    path = str(tmp_path / f"phone.{ext}")
+    Image.fromarray(stored).save(path, exif=exif)
+    img = open_image(path)
+    assert img.size == (32, 48)  # upright: portrait
+    upright = np.asarray(img)
+    # rotated clockwise, the stored left third becomes the top third
+    assert upright[:14].min() > 200 and upright[18:].max() < 50
+    assert np.array_equal(upright, np.asarray(load_image(path)))
 
 
 def test_fit_image_stretch_is_diffusers_and_crop_keeps_the_centre():
@@ -166,6 +188,46 @@ def test_offloaded_experts_switch_bit_identically(cache, tmp_path, offload):
             assert all(h.active and h.num_copies > 0 for h in experts.block_offloads)
         experts.release()
     assert torch.equal(out["none"], out[offload])
+
+
+class _NumpyHost(HostTransport):
+    """Host copies in numpy arrays, so a weakref tells when the memory itself (not a tensor object) is freed:
+    torch.from_numpy's storage holds its array until the last tensor viewing it dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrays = []
+
+    def host_empty(self, nbytes):
+        array = np.empty(nbytes, dtype=np.uint8)
+        self.arrays.append(weakref.ref(array))
+        return torch.from_numpy(array)
+
+
+@pytest.mark.parametrize("offload", ["block", "swap"])
+def test_host_copies_are_freed_when_the_denoise_ends(cache, tmp_path, offload):
+    """The runner's experts.release() ends the DiT's use: block offload's forward hooks hold the handle, which
+    holds the host blocks, so without releasing them the pinned copy lived on through decode and write."""
+    path = tiny.tiny_model_dir(cache, "wan2.2-t2v-a14b")
+    kind = detect_kind(resolve_model_paths(path))
+    text_dim = tiny.TINY_WAN["text_dim"]
+    contexts = TextContexts(cond=torch.randn(1, 8, text_dim), uncond=torch.randn(1, 8, text_dim), num_tokens=[8, 8])
+    cfg = _cfg(T2V, cache, tmp_path, f"offload.dit={offload}")
+    transport = _NumpyHost()
+    models = load_experts(kind.experts, cfg, torch.device("cpu"), torch.float32)
+    experts = install_experts(models, cfg, ParallelDims(), torch.device("cpu"), kind.boundary_ratio,
+                              transport=transport)
+    denoise(experts, initial_latents(3, (16, 3, 4, 6)), contexts, cfg, ParallelDims(), show_progress=False)
+    assert len(transport.arrays) == (2 * tiny.TINY_WAN["num_layers"] if offload == "block" else 2)
+    gc.disable()  # only reference counts may free them: a collection would hide a cycle
+    try:
+        experts.release()
+        if offload == "block":  # freed at release, though the models are still referenced
+            assert all(ref() is None for ref in transport.arrays)
+        del models, experts
+        assert all(ref() is None for ref in transport.arrays)
+    finally:
+        gc.enable()
 
 
 def test_official_wan21_i2v_is_refused_with_the_way_out(cache, tmp_path):

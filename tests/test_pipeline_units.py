@@ -9,7 +9,7 @@ import torch
 from lightx2v_sp.config import load_config
 from lightx2v_sp.distributed import ParallelDims
 from lightx2v_sp.models import tiny
-from lightx2v_sp.pipeline import output
+from lightx2v_sp.pipeline import output, run
 from lightx2v_sp.distributed import check_layout, resolve_ulysses_degree
 from lightx2v_sp.pipeline.checks import AgreedError, agreed
 from lightx2v_sp.pipeline.guidance import combine, guided_prediction
@@ -95,6 +95,21 @@ def test_guidance_passes():
     assert [c is cond for c in calls] == [True, False] and torch.equal(out, torch.full((1, 2), 10.0))
     c, u = torch.tensor([3.0]), torch.tensor([1.0])
     assert combine(c.half(), u.half(), 4.0).dtype == torch.float32 and combine(c, u, 4.0).item() == 9.0
+
+
+def test_guidance_at_or_below_one_is_off_like_diffusers(tmp_path):
+    """guidance_scale <= 1 (0 here) runs the conditional pass only, as diffusers does: the same latents as
+    guidance 1, one DiT forward per step, no negative prompt encoded, and the summary says so."""
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "wan_t2v_tiny.yaml")
+    runs = {}
+    for scale in ("1", "0"):
+        cfg = load_config(config, ["sample.steps=2", "parallel.ulysses_degree=1", f"sample.guidance_scale={scale}",
+                                   f"output.path={tmp_path}/g{scale}.mp4"])
+        runs[scale] = run(cfg, torch.device("cpu"), progress=False)
+    off = runs["0"].summary  # with guidance (5.0) the same run makes 4 forwards: test_summary_fields et al.
+    assert torch.equal(runs["0"].latents, runs["1"].latents)
+    assert off["denoise"]["dit_forwards"] == 2 and off["denoise"]["classifier_free_guidance"] is False
+    assert len(off["text"]["prompt_tokens"]) == 1  # the negative prompt was not encoded
 
 
 @pytest.mark.parametrize("name", ["unipc", "euler"])

@@ -168,3 +168,47 @@ def test_single_process_is_identity():
     x = torch.randn(3, 4)
     assert all_gather_v(x, 0, [3], None) is x
     assert reduce_scatter_v(x, 0, [3], None) is x
+
+
+@pytest.mark.parametrize("backend, device, want", [
+    ("nccl", "cpu", "cuda:3"),         # offload.vae=cpu with vae.parallel=split on GPUs: staged through the GPU
+    ("nccl", "cuda:3", "cuda:3"),
+    ("gloo", "cpu", "cpu"),
+    ("gloo", "cuda:3", "cpu"),         # gloo's send/recv carries host memory only
+    ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
+    ("cpu:gloo,cuda:nccl", "cuda:3", "cuda:3"),
+])
+def test_wire_device_is_one_the_backend_carries(backend, device, want):
+    """gather_v (the decode's gather) sends slices over the job's group; NCCL refuses CPU tensors ("No
+    backend type associated with device type cpu"), so a CPU-decoded band goes through this rank's GPU."""
+    from lightx2v_sp.distributed.groups import wire_device
+
+    assert wire_device(backend, torch.device(device), cuda_index=3) == torch.device(want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gather_v_hands_nccl_only_cuda_tensors(monkeypatch):
+    """One GPU cannot host a 2-rank NCCL job, so the group is faked: gather_v of CPU slices (a VAE decoded on
+    the host) with an "nccl" backend must send and receive CUDA tensors and still build the result on the CPU."""
+    import torch.distributed as dist
+
+    from lightx2v_sp.distributed import varlen
+
+    wire: list = []
+    sizes = [3, 2]
+    slices = [torch.randn(2, s, 4) for s in sizes]
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "get_global_rank", lambda group, r: r)
+    monkeypatch.setattr(dist, "send", lambda t, dst, group=None: wire.append(t.clone()))
+
+    def recv(buf, src, group=None):
+        assert buf.is_cuda, buf.device
+        buf.copy_(slices[src])
+
+    monkeypatch.setattr(dist, "recv", recv)
+    monkeypatch.setattr(varlen, "group_size_rank", lambda group: (2, 1))
+    assert varlen.gather_v(slices[1], 1, sizes, dst=0, group=object(), out_device="cpu") is None
+    assert len(wire) == 1 and wire[0].is_cuda and torch.equal(wire[0].cpu(), slices[1])
+    monkeypatch.setattr(varlen, "group_size_rank", lambda group: (2, 0))
+    out = varlen.gather_v(slices[0], 1, sizes, dst=0, group=object(), out_device="cpu")
+    assert out.device.type == "cpu" and torch.equal(out, torch.cat(slices, dim=1))

@@ -6,7 +6,14 @@ so passing `dims.sp_group` (None at ulysses 1) can never widen a collective to e
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.distributed as dist
+
+# the device types each backend's point-to-point (send/recv) carries: NCCL only GPU memory, gloo and
+# MPI only host memory. A "cpu:gloo,cuda:nccl" backend string names one backend per device type.
+_P2P_DEVICES = {"nccl": ("cuda",), "gloo": ("cpu",), "mpi": ("cpu",)}
 
 
 def initialized() -> bool:
@@ -30,3 +37,24 @@ def job_size_rank() -> tuple[int, int]:
 def job_group():
     """The default group of a multi-process job, else None (this process alone)."""
     return dist.group.WORLD if job_size_rank()[0] > 1 else None
+
+
+def wire_device(backend: str, device: torch.device, cuda_index: Optional[int] = None) -> torch.device:
+    """Where a tensor on `device` must be to travel through `backend`'s send/recv: `device` itself when the
+    backend carries it, else this process's GPU (`cuda_index`, default the current one: NCCL) or the host.
+
+    A CPU tensor sent over NCCL (a VAE decoded on the host, offload.vae=cpu) fails with "No backend
+    type associated with device type cpu"; staged through the GPU it goes.
+    """
+    device = torch.device(device)
+    carried: set[str] = set()
+    for part in str(backend).lower().split(","):
+        if ":" in part:
+            carried.add(part.split(":", 1)[0])
+        else:
+            carried.update(_P2P_DEVICES.get(part, (device.type,)))  # unknown backend: trust the caller
+    if device.type in carried:
+        return device
+    if "cuda" in carried:
+        return torch.device("cuda", torch.cuda.current_device() if cuda_index is None else cuda_index)
+    return torch.device("cpu")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import symmetric_memory
 from .comm_stats import record_comm
-from .groups import group_size_rank
+from .groups import group_size_rank, wire_device
 
 # torch >= 2.13 renames the single-buffer collectives; older releases only have the old names
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -160,6 +160,8 @@ def gather_v(x: torch.Tensor, dim: int, sizes, dst: int = 0, group=None,
 
     One point-to-point transfer per sending rank, received into one slice-sized buffer at a time,
     so `dst` never holds N padded slices on the device (a decoded video can be most of a GPU).
+    Slices travel on the device the group's backend carries (groups.wire_device): CPU slices over
+    NCCL are staged through this rank's GPU, one slice at a time.
     """
     size, rank = group_size_rank(group)
     out_device = torch.device(out_device) if out_device is not None else x.device
@@ -173,11 +175,12 @@ def gather_v(x: torch.Tensor, dim: int, sizes, dst: int = 0, group=None,
     def global_rank(r: int) -> int:
         return dist.get_global_rank(group, r)
 
+    wire = wire_device(dist.get_backend(group), x.device)
     if rank != dst:
         if sizes[rank]:
             record_comm("send", x.numel() * x.element_size())
             # [..., S_r, ...] on rank r -> send -> rank dst
-            dist.send(x.contiguous(), dst=global_rank(dst), group=group)
+            dist.send(x.to(wire).contiguous(), dst=global_rank(dst), group=group)
         return None
     shape = list(x.shape)
     shape[dim] = sum(sizes)
@@ -188,7 +191,7 @@ def gather_v(x: torch.Tensor, dim: int, sizes, dst: int = 0, group=None,
         if src == rank or not sizes[src]:
             continue
         shape[dim] = sizes[src]
-        buf = torch.empty(shape, dtype=x.dtype, device=x.device)
+        buf = torch.empty(shape, dtype=x.dtype, device=wire)
         # rank src's [..., S_src, ...] -> recv -> its rows of [..., sum S, ...] on rank dst
         dist.recv(buf, src=global_rank(src), group=group)
         parts[src].copy_(buf)

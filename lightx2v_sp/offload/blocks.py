@@ -153,6 +153,23 @@ class BlockOffload:
         self._dev_views = [None, None]
         self._reset_slots()
 
+    def close(self) -> None:
+        """The blocks have run for the last time: uninstall the hooks, free the device buffers and the
+        (pinned) host copy. The hooks hold this handle and the handle holds the blocks, so without this
+        the host copy (26-52 GiB for Wan 14B / A14B) outlives `del model` until a garbage collection.
+        The blocks' tensors are left empty: calling them afterwards fails instead of reading freed memory.
+        """
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.release_buffers()
+        for layout in self.layouts:
+            layout.bind([torch.empty(0, dtype=dtype) for _, _, dtype, _ in layout.specs])
+        for flat in self._host_flat if self._arena is None or not self._arena.shared else ():
+            self.transport.host_free(flat)
+        self._host_flat, self._host_views, self._arena = [], [], None
+        self.active = False
+
     def remove(self, restore: bool = True) -> None:
         """Uninstall the hooks; with `restore`, tensors go back to the devices they came from."""
         for handle in self._handles:
@@ -217,6 +234,9 @@ class InactiveBlockOffload:
     active = False
 
     def release_buffers(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     def remove(self, restore: bool = True) -> None:

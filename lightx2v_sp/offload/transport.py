@@ -47,13 +47,18 @@ class Transport(ABC):
     def host_empty(self, nbytes: int) -> torch.Tensor:
         """A flat uint8 host buffer the device can copy from asynchronously (pinned on CUDA)."""
 
+    def host_free(self, tensor: torch.Tensor) -> None:
+        """Give back what `host_empty` allocated for `tensor` (pinning, bookkeeping); the memory itself
+        goes when the last tensor viewing it does."""
+
     @abstractmethod
     def device_empty(self, nbytes: int) -> torch.Tensor:
         """A flat uint8 buffer on the compute device."""
 
     @abstractmethod
     def copy_async(self, dst: torch.Tensor, src: torch.Tensor, after: Optional[Event] = None) -> Event:
-        """Start `dst.copy_(src)` once `after` (an event from `record`) has completed.
+        """Start `dst.copy_(src)` once `after` (an event from `record`) has completed, or, without
+        one, once all compute issued so far has.
 
         Returns an event that completes when the copy has; `wait` on it before reading `dst`.
         """
@@ -145,13 +150,22 @@ class CudaTransport(Transport):
         self._keepalive.append(buf)  # registration lives as long as this transport
         return buf.tensor
 
+    def host_free(self, tensor: torch.Tensor) -> None:
+        self._keepalive = [b for b in self._keepalive if b.tensor.data_ptr() != tensor.data_ptr()]
+
     def device_empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def copy_async(self, dst: torch.Tensor, src: torch.Tensor, after: Optional[Event] = None) -> Event:
+        """Without `after`, the copy waits for all compute issued so far: `dst` may be memory the
+        caching allocator has just handed out on the compute stream (a fresh block buffer, a swap
+        placement), freed by tensors that kernels still queued there read or write; a copy stream
+        that does not wait could overwrite them or be overwritten by them."""
+        if after is not None:
+            self.copy_stream.wait_event(after)
+        else:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            if after is not None:
-                self.copy_stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.copy_stream)

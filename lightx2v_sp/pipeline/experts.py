@@ -74,10 +74,11 @@ class Experts:
         self.active = i
 
     def release(self) -> None:
-        """Free device memory held for denoising (before the VAE decode)."""
+        """The denoise is over (before the VAE decode): free the device memory held for it and the pinned
+        host copies of block-offloaded experts. The experts cannot run afterwards."""
         self._resident.close()
         for handle in self.block_offloads:
-            handle.release_buffers()
+            handle.close()
         self.active = None
 
     def summary(self) -> dict:

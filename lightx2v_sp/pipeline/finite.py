@@ -39,5 +39,6 @@ def check_latents(latents: torch.Tensor, step: int, num_steps: int) -> None:
 
 def check_video(video: torch.Tensor) -> None:
     if not bool(torch.isfinite(video).all()):
-        raise ValueError("the decoded video holds NaN or inf values (the VAE decode overflowed: try "
-                         "offload.vae=cpu or an fp32 VAE); no video was written")
+        raise ValueError("the decoded video holds NaN or inf values although the latents were finite (the VAE "
+                         "decode overflowed: try vae.dtype=fp32, or offload.vae=cpu to decode on the host); no "
+                         "video was written")

@@ -3,7 +3,9 @@
 A value that is not a local path and reads `org/name` (components also `org/name/subfolder`) is
 resolved with `huggingface_hub.snapshot_download` into the standard hub cache
 (`HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`), fetching only the files the
-loaders read (ALLOW_PATTERNS), at `model.revision` (branch, tag or commit; default main).
+loaders read (ALLOW_PATTERNS), at `model.revision` (branch, tag or commit; default main). A whole
+model's top-level configs come first, so a checkpoint that would be refused (official-layout Wan2.1
+I2V or TI2V: kind.unsupported_official) is refused before its weights are downloaded.
 
 Once per node: the local ranks of a job take an exclusive file lock in the cache; the first one
 downloads and stamps the lock file with its job and the commit it got, the others wait on the lock
@@ -19,7 +21,7 @@ import json
 import logging
 import os
 import re
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger("lightx2v_sp")
 
@@ -29,11 +31,13 @@ ALLOW_PATTERNS = (
     # diffusers layout (Wan-AI/Wan2.*-Diffusers)
     "model_index.json", "transformer/*", "transformer_2/*", "text_encoder/*", "tokenizer/*", "vae/*",
     "image_encoder/*", "image_processor/*",
-    # official layout (Wan-AI/Wan2.1-T2V-*, Wan2.2-*)
+    # official layout (Wan-AI/Wan2.1-T2V-*, Wan2.2-*); not the official I2V's open_clip .pth nor
+    # TI2V's Wan2.2_VAE.pth, which no loader reads (those checkpoints are refused: kind.py)
     "config.json", "diffusion_pytorch_model*.safetensors*", "models_t5_umt5-xxl-enc-bf16.pth",
-    "Wan2.1_VAE.pth", "Wan2.2_VAE.pth", "google/umt5-xxl/*", "high_noise_model/*", "low_noise_model/*",
-    "models_clip_*.pth", "xlm-roberta-large/*",
+    "Wan2.1_VAE.pth", "google/umt5-xxl/*", "high_noise_model/*", "low_noise_model/*",
 )
+# Fetched first for a whole model: enough to refuse a checkpoint before its weights are downloaded.
+CONFIG_PATTERNS = ("config.json", "model_index.json")
 # A component given as a repo of its own (no subfolder), e.g. tokenizer_path=google/umt5-xxl.
 COMPONENT_PATTERNS = {
     "text_encoder": ("config.json", "model*.safetensors*", "models_t5*.pth"),
@@ -126,12 +130,20 @@ def _download(repo_id: str, revision: Optional[str], patterns: Sequence[str], ca
                          f"{str(e).splitlines()[0][:300]}") from None
 
 
-def resolve_repo(repo_id: str, revision: Optional[str] = None,
-                 patterns: Sequence[str] = ALLOW_PATTERNS) -> str:
-    """Local snapshot directory of `repo_id` at `revision`, downloaded once per node if needed."""
+def resolve_repo(repo_id: str, revision: Optional[str] = None, patterns: Sequence[str] = ALLOW_PATTERNS,
+                 precheck: Optional[Callable[[str], None]] = None) -> str:
+    """Local snapshot directory of `repo_id` at `revision`, downloaded once per node if needed.
+
+    `precheck(snapshot)` (raises ValueError to refuse) runs on the repo's top-level configs
+    (CONFIG_PATTERNS) before anything else is downloaded, and the rest is then fetched at the commit
+    those came from, so a checkpoint that would be refused costs two small files, not its weights.
+    """
     cache = hub_cache_dir()
     if _offline():
-        return _download(repo_id, revision, patterns, cache, local_files_only=True)
+        path = _download(repo_id, revision, patterns, cache, local_files_only=True)
+        if precheck is not None:
+            precheck(path)
+        return path
     job = _job_key()
     want = {"job": job, "repo_id": repo_id, "revision": revision, "patterns": list(patterns)}
     with _node_lock(cache, repo_id) as lock:
@@ -143,9 +155,14 @@ def resolve_repo(repo_id: str, revision: Optional[str] = None,
         if job is not None and {k: stamp.get(k) for k in want} == want and os.path.isdir(stamp.get("path", "")):
             # a local peer of this launch has just downloaded it: same commit, from the cache
             return _download(repo_id, stamp["commit"], patterns, cache, local_files_only=True)
+        commit = revision
+        if precheck is not None:
+            configs = _download(repo_id, revision, CONFIG_PATTERNS, cache, local_files_only=False)
+            precheck(configs)
+            commit = os.path.basename(os.path.normpath(configs))  # the snapshot directory is the commit
         log.info("fetching %s (revision %s) into %s: only the files the loaders read", repo_id,
                  revision or "main", cache)
-        path = _download(repo_id, revision, patterns, cache, local_files_only=False)
+        path = _download(repo_id, commit, patterns, cache, local_files_only=False)
         lock.seek(0)
         lock.truncate()
         lock.write(json.dumps({**want, "commit": os.path.basename(os.path.normpath(path)), "path": path}))
@@ -154,11 +171,12 @@ def resolve_repo(repo_id: str, revision: Optional[str] = None,
 
 
 def resolve_path(value: Optional[str], what: str, revision: Optional[str] = None,
-                 main_repo: Optional[str] = None) -> Optional[str]:
+                 main_repo: Optional[str] = None, precheck: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """`value` itself, or the local directory of the repo id (+ subfolder) it names.
 
     `what`: "model" (the whole model: ALLOW_PATTERNS) or a key of COMPONENT_PATTERNS. `revision`
-    applies to the model's own repo, and to a component taken from that same repo.
+    applies to the model's own repo, and to a component taken from that same repo. `precheck`: see
+    resolve_repo.
     """
     parsed = split_repo_id(value, allow_subfolder=what != "model") if value is not None else None
     if parsed is None:
@@ -169,5 +187,5 @@ def resolve_path(value: Optional[str], what: str, revision: Optional[str] = None
     else:
         patterns = ALLOW_PATTERNS if what == "model" else COMPONENT_PATTERNS[what]
     rev = revision if what == "model" or repo_id == main_repo else None
-    root = resolve_repo(repo_id, rev, patterns)
+    root = resolve_repo(repo_id, rev, patterns, precheck)
     return os.path.join(root, sub) if sub else root

@@ -27,8 +27,12 @@ MASK_CHANNELS = 4
 
 
 def open_image(path: str):
-    """The image at `path` as an RGB PIL image; ValueError if missing, unreadable or of another mode."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at `path` as an RGB PIL image, upright; ValueError if missing, unreadable or of another mode.
+
+    Upright: the EXIF orientation tag is applied (a phone's portrait JPEG is stored sideways with
+    orientation 6), as diffusers' load_image does, so the first frame is what a viewer shows.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
@@ -38,7 +42,7 @@ def open_image(path: str):
                 raise ValueError(f"image={path} has mode {mode!r} ({size[0]}x{size[1]}); only 8-bit images "
                                  f"({', '.join(RGB_CONVERTIBLE)}) can be the first frame. Save it as 8-bit RGB "
                                  "(e.g. PNG or JPEG)")
-            return img.convert("RGB")
+            return ImageOps.exif_transpose(img).convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"image={path} does not exist; image-to-video needs its first frame") from None
     except IsADirectoryError:

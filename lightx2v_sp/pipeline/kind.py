@@ -25,6 +25,15 @@ from .paths import ModelPaths
 # Wan2.2 A14B release configs (wan/configs/wan_{t2v,i2v}_A14B.py): boundary as a fraction of 1000 steps
 OFFICIAL_BOUNDARY = {"t2v": 0.875, "i2v": 0.900}
 
+# one-DiT official checkpoints whose extra component we do not read, by config.json's model_type
+_OFFICIAL_REFUSED = {
+    "ti2v": "{root} is an official-layout Wan2.2 TI2V-5B model: its Wan2.2_VAE.pth is not supported; use the "
+            "-Diffusers layout of the model (vae/ with z_dim 48)",
+    "i2v": "{root} is an official-layout Wan2.1 I2V model: its CLIP encoder is an open_clip checkpoint "
+           "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), which is not supported; use the "
+           "-Diffusers layout of the model (image_encoder/ + image_processor/)",
+}
+
 
 @dataclass
 class ModelKind:
@@ -64,13 +73,23 @@ def _model_type(dit: str, layout: str) -> str:
     return "i2v" if inputs > (cfg.get("out_channels") or inputs) else "t2v"
 
 
+def unsupported_official(root: str) -> Optional[str]:
+    """Why the checkpoint at `root` is refused, read from its top-level config.json alone (so a Hub repo
+    can be refused before its weights are fetched: hub.py); None when nothing there is refused."""
+    cfg = _json(os.path.join(root, "config.json"))
+    if "num_heads" not in cfg or "dim" not in cfg:  # not a one-DiT official checkpoint
+        return None
+    reason = _OFFICIAL_REFUSED.get(cfg.get("model_type", "t2v"))
+    return None if reason is None else reason.format(root=root)
+
+
 def detect_kind(paths: ModelPaths) -> ModelKind:
     """The kind of the checkpoint at `paths`; a ValueError for members that are not implemented."""
     index = _json(os.path.join(paths.root, "model_index.json")) if paths.dit_layout == "diffusers" else {}
+    refused = unsupported_official(paths.dit) if paths.dit_layout == "official" and paths.dit_2 is None else None
+    if refused is not None:
+        raise ValueError(refused)
     model_type = _model_type(paths.dit, paths.dit_layout)
-    if model_type == "ti2v":
-        raise ValueError(f"{paths.root} is an official-layout Wan2.2 TI2V-5B model: its Wan2.2_VAE.pth is not "
-                         "supported; use the -Diffusers layout of the model (vae/ with z_dim 48)")
     strides = _vae_strides(paths.vae)
     if index.get("expand_timesteps"):
         if paths.dit_2 is not None or model_type != "t2v":
@@ -107,11 +126,8 @@ def _vae_strides(vae: str) -> tuple[int, int]:
 
 
 def _find_clip(kind: ModelKind, paths: ModelPaths, index: dict) -> None:
-    """Wan2.1 I2V's CLIP encoder: image_encoder/ + image_processor/ of the -Diffusers layout."""
-    if paths.dit_layout == "official":
-        raise ValueError(f"{paths.root} is an official-layout Wan2.1 I2V model: its CLIP encoder is an open_clip "
-                         "checkpoint (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth), which is not "
-                         "supported; use the -Diffusers layout of the model (image_encoder/ + image_processor/)")
+    """Wan2.1 I2V's CLIP encoder: image_encoder/ + image_processor/ of the -Diffusers layout (the official
+    layout's open_clip .pth is refused first: unsupported_official)."""
     kind.image_dim = _json(os.path.join(paths.dit, "config.json")).get("image_dim")
     if kind.image_dim is None:
         return  # an I2V DiT without the CLIP branch: the image enters through the latents only

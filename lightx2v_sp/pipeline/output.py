@@ -2,8 +2,10 @@
 
 A reader never sees a half-written video: the frames go to a hidden temporary file in the same
 directory (so the rename stays on one filesystem), which replaces the target only once complete;
-any failure (SIGINT and SIGTERM included: they raise) removes the temporary file. `check_writable`
-runs before the expensive work so an unwritable path fails in seconds, not after the denoising.
+any failure (SIGINT and SIGTERM included: they raise) removes the temporary file. The video and its
+summary are committed together (`OutputPair`), so a failure never pairs one run's summary with
+another run's video. `check_writable` runs before the expensive work so an unwritable path fails in
+seconds, not after the denoising.
 
 Never replace a file this tool did not write. Ours are recognised by the summary: the JSON next to
 the video carries `"lightx2v_sp_summary": 1` and the video's name. So the summary path may be
@@ -158,35 +160,100 @@ def _atomic(path: str, write) -> None:
         raise
 
 
-def write_video(frames, path: str, fps: int) -> None:
-    """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 at `path`, atomically."""
+def encode_video(frames, path: str, fps: int) -> None:
+    """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 written at `path` (not atomically)."""
     import imageio.v2 as imageio
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    # macro_block_size=1: sizes are multiples of 16 already; never let imageio resize frames
+    with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                            pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error") as w:
+        for frame in frames:
+            w.append_data(frame)
 
-    def write(tmp: str) -> None:
-        # macro_block_size=1: sizes are multiples of 16 already; never let imageio resize frames
-        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                                pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error") as w:
-            for frame in frames:
-                w.append_data(frame)
 
-    _atomic(path, write)
+def write_video(frames, path: str, fps: int) -> None:
+    """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 at `path`, atomically."""
+    _atomic(path, lambda tmp: encode_video(frames, tmp, fps))
+
+
+def _dump_json(data: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+    _atomic(path, lambda tmp: _dump_json(data, tmp))
 
-    _atomic(path, write)
+
+def _mark(summary: dict[str, Any], video_path: str) -> dict[str, Any]:
+    summary[SUMMARY_MARKER] = 1
+    summary["output_path"] = video_path
+    return summary
 
 
 def write_summary(summary: dict[str, Any], video_path: str) -> None:
     """The run's summary next to its video, marked as ours (see `check_ours`)."""
-    summary[SUMMARY_MARKER] = 1
-    summary["output_path"] = video_path
-    write_json(summary, summary_path(video_path))
+    write_json(_mark(summary, video_path), summary_path(video_path))
+
+
+class OutputPair:
+    """A run's video and its summary, replaced as one: neither is renamed into place before both are
+    complete, so a failure in between (the summary is built after the video is encoded, to time the
+    write) leaves the previous run's pair as it was, never its summary beside a new video.
+
+        with OutputPair(path) as out:           # temporary files are removed unless committed
+            out.stage_video(frames, fps)        # encoded into a temporary sibling
+            out.commit(summary)                 # summary written, then both renamed
+
+    `commit` renames the summary first and the video last; if the video's rename fails (or a signal
+    lands between the two), the previous summary is put back (or the new one removed when there was
+    none). Only a kill between the two renames can leave a new summary beside the previous video.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.summary_path = summary_path(path)
+        self._temps: list[str] = []
+        self._video_tmp: str | None = None
+
+    def __enter__(self) -> "OutputPair":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for tmp in self._temps:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        self._temps = []
+
+    def _tmp(self, target: str) -> str:
+        tmp = _tmp_sibling(target)
+        self._temps.append(tmp)
+        return tmp
+
+    def stage_video(self, frames, fps: int) -> None:
+        self._video_tmp = self._tmp(self.path)
+        encode_video(frames, self._video_tmp, fps)
+        os.chmod(self._video_tmp, 0o644)
+
+    def commit(self, summary: dict[str, Any]) -> None:
+        assert self._video_tmp is not None, "stage_video first"
+        json_tmp = self._tmp(self.summary_path)
+        _dump_json(_mark(summary, self.path), json_tmp)
+        os.chmod(json_tmp, 0o644)
+        previous = None
+        if os.path.lexists(self.summary_path):
+            previous = self._tmp(self.summary_path)
+            os.replace(self.summary_path, previous)
+        try:
+            os.replace(json_tmp, self.summary_path)
+            os.replace(self._video_tmp, self.path)
+        except BaseException:  # KeyboardInterrupt and SIGTERM (signals.py) too
+            if previous is not None:
+                os.replace(previous, self.summary_path)
+            elif os.path.lexists(self.summary_path):
+                os.remove(self.summary_path)
+            raise

@@ -161,7 +161,17 @@ def model_paths_for(cfg_model) -> ModelPaths:
 
         root = ensure_tiny_model(variant=getattr(cfg_model, "tiny", "wan2.1-t2v"))
     else:  # a local directory, or a Hugging Face repo id fetched into the hub cache (hub.py)
-        root = resolve_path(cfg_model.path, "model", revision)
+        root = resolve_path(cfg_model.path, "model", revision, precheck=_refuse_before_download)
     main_repo = (split_repo_id(cfg_model.path) or (None,))[0] if cfg_model.path else None
     return resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
                                        for what in ("text_encoder", "tokenizer", "vae")))
+
+
+def _refuse_before_download(root: str) -> None:
+    """A Hub repo's configs (hub.resolve_repo fetches them first): refuse a checkpoint we cannot run
+    before its weights (and the files no loader reads) are downloaded."""
+    from .kind import unsupported_official
+
+    reason = unsupported_official(root)
+    if reason is not None:
+        raise ValueError(reason)

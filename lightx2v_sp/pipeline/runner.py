@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lightx2v_sp.attention import resolve_backend
-from lightx2v_sp.config import to_dict
+from lightx2v_sp.config import to_dict, uses_cfg
 from lightx2v_sp.distributed import CommStats, ParallelDims, check_layout, resolve_ulysses_degree
 from lightx2v_sp.distributed.groups import job_size_rank
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
@@ -40,7 +40,7 @@ from .kind import boundary_ratio, check_inputs, detect_kind
 from .latents import initial_latents, latent_shape
 from .loading import load_checked
 from .loras import check_loras
-from .output import check_ours, check_video_writer, check_writable, summary_path, write_summary, write_video
+from .output import OutputPair, check_ours, check_video_writer, check_writable, summary_path
 from .paths import model_paths_for
 from .rank0_stage import rank0_stage
 from .text import check_text_encoder_layout, encode_prompts
@@ -197,13 +197,14 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         check_video(video)
         with stages("write"):
             check_ours(out_path)  # again: files may have appeared there during the run
-            write_video(to_uint8_frames(video), out_path, s.fps)
+            outputs.stage_video(to_uint8_frames(video), s.fps)  # a temporary file until commit
         result.video = video if keep_video else None
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len,
                                   "cut_tokens": cut_tokens}  # beyond text_len, per prompt (warned)
         result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
+                                     "classifier_free_guidance": uses_cfg(s),  # diffusers: guidance_scale > 1
                                      "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
@@ -212,9 +213,11 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
         result.summary["memory_plan"] = plan_summary(cfg, world, root=paths.root)
-        write_summary(result.summary, out_path)
+        outputs.commit(result.summary)  # the summary, then the video: replaced together
 
-    rank0_stage("decoding and writing the video", finish, cfg.comm.timeout_s)  # heartbeat, not a timeout
+    # the video and its summary replace the previous run's pair together; temporary files go on failure
+    with OutputPair(out_path) if rank == 0 else contextlib.nullcontext() as outputs:
+        rank0_stage("decoding and writing the video", finish, cfg.comm.timeout_s)  # heartbeat, not a timeout
     if rank == 0:
         log.info("wrote %s and %s", out_path, summary_path(out_path))
     return result

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from lightx2v_sp.config import uses_cfg
 from lightx2v_sp.models.t5 import T5Encoder, T5Shard, load_tokenizer, parallelize_t5, tokenize
 from lightx2v_sp.models.t5.tokenizer import clean_prompt
 from lightx2v_sp.offload import ComponentPlacement
@@ -61,7 +62,7 @@ def load_text_encoder(path: str, te_cfg, dtype: torch.dtype, dims) -> T5Encoder:
 
 def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -> TextContexts:
     te_cfg = cfg.text_encoder
-    use_uncond = cfg.sample.guidance_scale != 1.0
+    use_uncond = uses_cfg(cfg.sample)
     prompts = [cfg.prompt] + ([cfg.negative_prompt] if use_uncond else [])
 
     def load():

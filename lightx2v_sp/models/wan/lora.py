@@ -1,8 +1,10 @@
 """LoRA adapters for the Wan DiT: read the file formats diffusers' Wan loader accepts, merge into the weights.
 
 A LoRA adds `scale * s * up @ down` to a linear weight (s = alpha / rank, or 1 without an alpha);
-some files also carry full differences (`.diff` for a weight, `.diff_b` for a bias) and PEFT's
-`lora_B.bias`. Merging happens once, at load, in fp32 and is then rounded to the parameter's
+some files also carry full differences (`.diff` for a weight or any named tensor, `.diff_b` for a
+bias, `.diff_m` for a block's or the head's modulation table) and PEFT's `lora_B.bias`. Every update
+must have exactly the shape of the tensor it lands on (a transposed difference is an error, not a
+silent merge). Merging happens once, at load, in fp32 and is then rounded to the parameter's
 dtype, so a sampling step costs nothing extra and every later layout (Ulysses, CFG-parallel,
 block offload) sees ordinary weights.
 
@@ -11,14 +13,17 @@ Key layouts (any leading `transformer.`, `diffusion_model.`, `model.diffusion_mo
   diffusers / PEFT   blocks.0.attn1.to_q.lora_A.weight, .lora_B.weight, .lora_B.bias;
                      alpha from the file's `lora_adapter_metadata` (lora_alpha, alpha_pattern,
                      use_rslora), as written by diffusers' save_lora_weights; none -> s = 1
-  official / ComfyUI blocks.0.self_attn.q.lora_A.weight or .lora_down/.lora_up, .alpha, .diff, .diff_b
+  official / ComfyUI blocks.0.self_attn.q.lora_A.weight or .lora_down/.lora_up, .alpha, .diff, .diff_b;
+                     blocks.0.modulation.diff (ComfyUI) or blocks.0.diff_m (LightX2V) for modulation
   kohya / musubi     lora_unet_blocks_0_self_attn_q.lora_down.weight, .lora_up.weight, .alpha
 Fused projections: a LoRA on q, k or v lands in its row slice of our fused `qkv` / `kv`
 weight (keymap.native_pieces gives the slices).
 
 Where diffusers differs: it drops `.diff`/`.diff_b` on norms, `.diff` on most layers and a
-time_projection `.diff_b` without weights; here every difference is applied to the tensor it
-names, as the tools that write such files (LightX2V, ComfyUI) do. DoRA files are refused: merging
+time_projection `.diff_b` without weights, and does not read `.diff_m`; here every difference is
+applied to the tensor it names, as the tools that write such files (LightX2V, ComfyUI) do.
+`.diff_m` follows LightX2V's loader (lightx2v/utils/lora_loader.py: `<module>.diff_m` is added to
+`<module>.modulation`) and Kijai's WanVideoWrapper (which renames it `<module>.modulation.diff`). DoRA files are refused: merging
 them as plain LoRA would give a different model.
 
 Two-expert models (Wan2.2 A14B): `merge_lora` works on one model; call it once per expert with
@@ -49,7 +54,7 @@ _EXPERT_PREFIXES = {"high_noise_model.": "high_noise", "low_noise_model.": "low_
 # file key endings -> what the tensor is
 _SUFFIXES = ((".lora_A.weight", "down"), (".lora_down.weight", "down"), (".lora_B.weight", "up"),
              (".lora_up.weight", "up"), (".lora_B.bias", "up_bias"), (".alpha", "alpha"),
-             (".diff_b", "diff_b"), (".diff", "diff"))
+             (".diff_b", "diff_b"), (".diff_m", "diff_m"), (".diff", "diff"))
 
 
 @dataclass
@@ -65,25 +70,31 @@ class LoraEntry:
 class _Module:
     parts: dict = field(default_factory=dict)   # kind -> tensor
     keys: list = field(default_factory=list)    # file keys, for error messages
+    files: dict = field(default_factory=dict)   # kind -> its file key
 
 
 @dataclass
 class Delta:
-    """One update to one tensor: coeff * (up @ down), or coeff * diff (down None); formed where it is merged."""
+    """One update to one tensor: coeff * (up @ down), or coeff * diff (down None); formed where it is merged.
+
+    `up` and `down` are as in the file: a pair's product has up's rows and down's trailing dims
+    (a conv LoRA's down is [rank, in, *kernel]); `files` are the file keys it came from."""
     key: str
     coeff: float
     up: torch.Tensor
     down: Optional[torch.Tensor] = None
+    files: tuple = ()
 
     @property
     def shape(self) -> tuple:
-        return tuple(self.up.shape) if self.down is None else (self.up.shape[0], self.down.shape[1])
+        return tuple(self.up.shape) if self.down is None else (self.up.shape[0], *self.down.shape[1:])
 
     def value(self, device) -> torch.Tensor:
         up = self.up.to(device=device, dtype=torch.float32)
         if self.down is None:
             return up * self.coeff
-        return (up @ self.down.to(device=device, dtype=torch.float32)) * self.coeff
+        product = up.flatten(1) @ self.down.flatten(1).to(device=device, dtype=torch.float32)
+        return product.reshape(self.shape) * self.coeff
 
 
 def select_loras(entries: Iterable, expert: Optional[str]) -> list:
@@ -221,6 +232,7 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
         m = modules.setdefault(split[0], _Module())
         m.parts[split[1]] = t
         m.keys.append(file_key)
+        m.files[split[1]] = file_key
     deltas = []
     for module, m in modules.items():
         parts = m.parts
@@ -229,23 +241,25 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
             if "down" not in parts or "up" not in parts:
                 unknown += m.keys  # half a pair cannot be merged
                 continue
-            down, up = parts["down"].flatten(1), parts["up"].flatten(1)
+            down, up = parts["down"], parts["up"]
             rank = down.shape[0]
-            if up.shape[1] != rank:
+            if up.dim() < 2 or up.shape[1] != rank or any(n != 1 for n in up.shape[2:]):
                 raise ValueError(f"LoRA {source}: {module} has down {tuple(down.shape)} and up {tuple(up.shape)}; "
                                  "their ranks differ")
             s = parts["alpha"].item() / rank if "alpha" in parts else _peft_alpha(metadata, module, rank)
-            found.append(Delta(f"{module}.weight", scale * s, up, down))
+            found.append(Delta(f"{module}.weight", scale * s, up, down, (m.files["down"], m.files["up"])))
             if "up_bias" in parts:
-                found.append(Delta(f"{module}.bias", scale * s, parts["up_bias"]))
+                found.append(Delta(f"{module}.bias", scale * s, parts["up_bias"], files=(m.files["up_bias"],)))
         elif "alpha" in parts or "up_bias" in parts:
             unknown += m.keys  # an alpha or a lora_B bias without its pair
             continue
         if "diff" in parts:
             weight = f"{module}.weight" if f"{module}.weight" in targets else module  # e.g. blocks.0.modulation
-            found.append(Delta(weight, scale, parts["diff"]))
+            found.append(Delta(weight, scale, parts["diff"], files=(m.files["diff"],)))
         if "diff_b" in parts:
-            found.append(Delta(f"{module}.bias", scale, parts["diff_b"]))
+            found.append(Delta(f"{module}.bias", scale, parts["diff_b"], files=(m.files["diff_b"],)))
+        if "diff_m" in parts:  # LightX2V: blocks.0.diff_m -> blocks.0.modulation, head.diff_m -> head.modulation
+            found.append(Delta(f"{module}.modulation", scale, parts["diff_m"], files=(m.files["diff_m"],)))
         if all(d.key in targets for d in found):
             deltas += found
         else:
@@ -255,7 +269,7 @@ def lora_deltas(tensors: dict[str, torch.Tensor], metadata: Optional[dict], targ
         raise ValueError(f"LoRA {source}: {len(unknown)} key(s) match no layer of this Wan DiT: {shown}. Keys must "
                          "name DiT layers in the official (blocks.0.self_attn.q), diffusers (blocks.0.attn1.to_q) "
                          "or kohya (lora_unet_blocks_0_self_attn_q) layout, as pairs of lora_A/lora_B "
-                         "(lora_down/lora_up) weights, optionally with .alpha, .diff, .diff_b; the run would "
+                         "(lora_down/lora_up) weights, optionally with .alpha, .diff, .diff_b, .diff_m; the run would "
                          "silently miss part of the adapter" + (
                              ". Keys under high_noise_model., low_noise_model. or transformer_2. belong to an expert "
                              "of a two-expert model (Wan2.2 A14B)" if any(k.startswith(tuple(_EXPERT_PREFIXES))
@@ -288,10 +302,7 @@ def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.devic
         deltas = lora_deltas(tensors, metadata, targets, float(entry.scale), source, expert)
         for delta in deltas:
             name, start, rows = targets[delta.key]
-            want = (rows, *params[name].shape[1:])
-            if math.prod(delta.shape) != math.prod(want):
-                raise ValueError(f"LoRA {source}: the update for {delta.key} has shape {delta.shape}, the model's "
-                                 f"tensor is {want}; the adapter was trained for a different model size")
+            _check_shape(delta, (rows, *params[name].shape[1:]), source)
             by_param.setdefault(name, []).append((start, rows, delta))
         summary.append({"path": source, "scale": float(entry.scale), "expert": entry.expert,
                         "tensors_updated": len(deltas)})
@@ -301,6 +312,18 @@ def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.devic
         p = params[name]
         work = p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
         for start, rows, delta in pieces:
-            work.narrow(0, start, rows).add_(delta.value(work.device).reshape(rows, *p.shape[1:]))
+            work.narrow(0, start, rows).add_(delta.value(work.device))
         p.copy_(work.to(p.dtype))
     return summary
+
+
+def _check_shape(delta: Delta, want: tuple, source: str) -> None:
+    """ValueError unless the update has exactly the target's shape: the same element count in another
+    layout (a transposed difference, a flattened table) would merge as scrambled values."""
+    if delta.shape == tuple(want):
+        return
+    what = " + ".join(delta.files) or delta.key
+    hint = ("its transpose: the file stores it the other way round" if sorted(delta.shape) == sorted(want)
+            and len(want) == 2 else "the adapter was trained for a different model size or layout")
+    raise ValueError(f"LoRA {source}: {what} updates {delta.key} with shape {delta.shape}, but the model's tensor "
+                     f"is {tuple(want)} ({hint}); nothing was merged")
