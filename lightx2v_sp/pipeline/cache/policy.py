@@ -47,6 +47,15 @@ class _Branch:
     calibration: dict = field(default_factory=dict)     # step -> mean norm ratio (calibrate)
 
 
+def residual_bytes(cfg, local_tokens: int, dim: int, element_bytes: int) -> int:
+    """Device bytes the cache keeps on one rank (for the memory plan): [S_r, dim] residuals per branch this
+    rank runs, one (teacache, magcache; a calibration's new residual briefly makes two) or two (first_block:
+    the rest's residual and block 0's)."""
+    per_branch = 2 if cfg.cache.method == "first_block" or cfg.cache.calibrate else 1
+    branches = 2 if cfg.sample.guidance_scale != 1.0 and cfg.parallel.cfg_degree == 1 else 1
+    return local_tokens * dim * element_bytes * per_branch * branches
+
+
 class StepCache:
     def __init__(self, settings: CacheSettings, dims):
         self.settings = settings

@@ -102,6 +102,8 @@ def resolve_cache(cfg, kind_name: str, dim: int, model_path: Optional[str] = Non
     _check_numbers(c, s)
     if c.coefficients is not None and c.method != "teacache":
         raise ValueError(f"cache.coefficients are TeaCache's; cache.method={c.method} would ignore them")
+    if c.teacache_ret_steps and c.method != "teacache":
+        raise ValueError(f"cache.teacache_ret_steps is a TeaCache mode; cache.method={c.method} would ignore it")
     if c.calibrate and c.method != "magcache":
         raise ValueError(f"cache.calibrate=true measures MagCache's ratios; cache.method={c.method} has none")
     key = model_key(kind_name, dim, model_path, s.height, s.width)
