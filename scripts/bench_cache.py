@@ -139,7 +139,6 @@ def main() -> None:
     shape = latent_shape(wan_cfg.out_dim, size["frames"], size["height"], size["width"])
     with torch.no_grad():
         model = on_device(lambda: WanModel(wan_cfg), device, dtype).set_dtype(dtype).eval()
-        model.set_attention_backend("auto" if device.type == "cuda" else "sdpa")
         gen = torch.Generator(device=device).manual_seed(0)
         text = torch.randn(2, 512, wan_cfg.text_dim, device=device, generator=gen, dtype=dtype)
         contexts = TextContexts(cond=text[:1], uncond=text[1:], num_tokens=[0, 0])

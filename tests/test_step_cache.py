@@ -13,8 +13,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import LATENT, randomize_
+
 from lightx2v_sp.config import load_config
 from lightx2v_sp.distributed import ParallelDims
 from lightx2v_sp.models import tiny
@@ -187,7 +187,7 @@ def _layouts(rank, world, ratios_path):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_layouts_skip_the_same_steps_and_give_the_same_video(reference, ratios_file, tmp_path, world):
-    path, calibrated, calibration = ratios_file
+    _, calibrated, calibration = ratios_file
     ranks = run_on_ranks(_layouts, world, str(tmp_path / "unused.json"), timeout=180)
     # first_block's changes are fp32 sums over 175 x 96 values, added per slice then over the group:
     # ~1e-6 relative apart between layouts, far below this distance to the threshold
@@ -295,8 +295,8 @@ def test_calibrate_then_cache_end_to_end(tmp_path, capsys):
                                      f"output.path={tmp_path}/a.mp4"]), torch.device("cpu"), progress=False)
     assert first.summary["cache"]["ratios_written"] == str(ratios) and ratios.is_file()
     assert first.summary["cache"]["forwards_skipped"] == 0
-    second = run(load_config(CONFIG, [*base, f"cache.ratios={ratios}", "cache.threshold=0.5",
-                                      f"output.path={tmp_path}/b.mp4"]), torch.device("cpu"), progress=True)
+    run(load_config(CONFIG, [*base, f"cache.ratios={ratios}", "cache.threshold=0.5",
+                             f"output.path={tmp_path}/b.mp4"]), torch.device("cpu"), progress=True)
     with open(tmp_path / "b.json") as f:
         summary = json.load(f)["cache"]
     skipped = summary["forwards_skipped"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 from lightx2v_sp.jsonfile import read_json
+
+from ..output import check_parent_writable, write_json
 
 MARKER = "lightx2v_sp_magcache_ratios"
 
@@ -71,21 +72,12 @@ def check_ratios_target(path: str) -> str:
     if os.path.lexists(path) and not (isinstance(data, dict) and data.get(MARKER) == 1):
         raise ValueError(f"cache.ratios = {path} exists and is not a ratios file lightx2v_sp wrote; the "
                          "calibration would replace it: remove it or choose another path")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-", delete=True):
-            pass
-    except OSError as e:
-        raise ValueError(f"cache.ratios = {path} is not writable ({e.strerror or e}); the calibration could "
-                         "not be saved, so the run was not started") from None
+    check_parent_writable(path, "cache.ratios", "the calibration could not be saved, so the run was not started")
     return path
 
 
 def write_ratios(path: str, cond: list, uncond, steps: int, about: dict) -> None:
     """The ratios file at `path`, atomically (rank 0, at the end of a calibration run)."""
-    from ..output import write_json
-
     check_ratios_target(path)  # again: a file may have appeared there during the run
     write_json({MARKER: 1, "steps": steps, "cond": [round(v, 6) for v in cond],
                 "uncond": None if uncond is None else [round(v, 6) for v in uncond], **about}, path)
