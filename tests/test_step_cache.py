@@ -5,7 +5,9 @@ the steps the method's rule says, and the same ones with the same video on 1 pro
 The tiny DiT has random weights, so its metrics are not those of a real model: thresholds here are
 picked from the values these runs measure (printed in the summaries) so that skips really happen, and
 away from every measured value (`_margin`), so fp32 sums over token slices cannot flip a decision.
-Runs call `denoise` directly (12 steps, 175 tokens: not divisible by 2 or 3); one end-to-end run()
+Runs call `denoise` directly (12 steps, 175 tokens: not divisible by 2 or 3), the TeaCache one also with
+Wan2.2 TI2V's per-token timesteps (its time embedding is then a token slice per rank, summed over the
+group); one end-to-end run()
 pair covers the config, the summary, the progress bar and the ratios file.
 """
 import json
@@ -48,20 +50,24 @@ def _cfg(*overrides):
     return load_config(CONFIG, [f"sample.steps={STEPS}", *overrides])
 
 
-def _denoise(overrides, dims=None, transport=None, experts=None, device="cpu"):
-    """(final latents, this rank's cache record, settings) of a 12-step run of the tiny DiT."""
+def _denoise(overrides, dims=None, transport=None, experts=None, device="cpu", ti2v=False):
+    """(final latents, this rank's cache record, settings) of a 12-step run of the tiny DiT; `ti2v`: the
+    Wan2.2 TI2V shape (48 channels) with a first frame, so every token has its own timestep."""
     dims = dims or ParallelDims()
     cfg = _cfg(*overrides)
+    channels = 48 if ti2v else 16
     if experts is None:
-        model = randomize_(WanModel(WanConfig.tiny()).eval(), 0).to(device)  # same weights on every rank
+        model = randomize_(WanModel(WanConfig.tiny(in_dim=channels, out_dim=channels)).eval(), 0).to(device)
         experts = install_experts([model], cfg, dims, torch.device(device), None, transport=transport)
     gen = torch.Generator().manual_seed(0)
     text = torch.randn(2, 8, 64, generator=gen).to(device)
     contexts = TextContexts(cond=text[:1], uncond=text[1:], num_tokens=[8, 8])
-    settings = resolve_cache(cfg, "wan2.1-t2v", WanConfig.tiny().dim)
+    settings = resolve_cache(cfg, "wan2.2-ti2v-5b" if ti2v else "wan2.1-t2v", WanConfig.tiny().dim)
+    start = _start().repeat(1, channels // 16, 1, 1, 1)
+    image = {"first_frame": torch.randn(1, channels, 1, *LATENT[2:], generator=gen)} if ti2v else {}
     stats = {}
-    latents = denoise(experts, _start().to(device), contexts, cfg, dims, show_progress=False, stats=stats,
-                      cache=StepCache(settings, dims) if settings else None)
+    latents = denoise(experts, start.to(device), contexts, cfg, dims, show_progress=False, stats=stats,
+                      cache=StepCache(settings, dims) if settings else None, **image)
     return latents, stats.get("cache"), settings
 
 
@@ -177,6 +183,8 @@ def _layouts(rank, world, ratios_path):
     out[f"ulysses{world}-calibration"] = _denoise(["cache.method=magcache", "cache.calibrate=true",
                                                    f"cache.ratios={ratios_path}"], ParallelDims(world))[:2]
     if world == 2:
+        out["ulysses2-ti2v-teacache"] = _denoise(["cache.method=teacache", *SKIPPING["teacache"]], ParallelDims(2),
+                                                 ti2v=True)[:2]
         out["cfg2-first_block"] = _denoise(["cache.method=first_block", *SKIPPING["first_block"]],
                                            ParallelDims(1, 2))[:2]
         out["ulysses2-block_offload-first_block"] = _denoise(
@@ -193,9 +201,11 @@ def test_layouts_skip_the_same_steps_and_give_the_same_video(reference, ratios_f
     # ~1e-6 relative apart between layouts, far below this distance to the threshold
     _, single_record, settings = reference["first_block"]
     assert _margin(single_record, settings.threshold) > 1e-3
+    ti2v = _denoise(["cache.method=teacache", *SKIPPING["teacache"]], ti2v=True)[:2] if world == 2 else None
     for variant in ranks[0]:
         method = variant.rsplit("-", 1)[1]
-        single, single_record = (calibrated, calibration) if method == "calibration" else reference[method][:2]
+        single, single_record = (calibrated, calibration) if method == "calibration" else \
+            ti2v if "ti2v" in variant else reference[method][:2]
         for rank, result in enumerate(ranks):
             if variant not in result:
                 continue
