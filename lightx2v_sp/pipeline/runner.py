@@ -173,8 +173,9 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     per_rank = all_gather_objects({"comm": {k: v.as_dict() for k, v in stages.comm.items()},
                                    "peak_memory": stages.memory.as_dict(), "times": dict(stages.times),
-                                   "dit_forwards": denoise_stats["dit_forwards"], "cache": denoise_stats.get("cache"),
-                                   "host_rss": stages.memory.host_as_dict()}, world)
+                                   "dit_forwards": denoise_stats["dit_forwards"],
+                                   "host_rss": stages.memory.host_as_dict(),
+                                   "cache": denoise_stats.pop("cache", None)}, world)  # in summary["cache"]
     result = RunResult(latents=latents.cpu())
     video, rows = None, [0] * world
 

@@ -131,4 +131,4 @@ MAGCACHE_DEFAULTS = {"threshold": 0.12, "max_skips": 2, "retention": 0.2}  # mag
 # diffusers FirstBlockCacheConfig (diffusers/hooks/first_block_cache.py), after ParaAttention's First
 # Block Cache: skip while mean|r0 - r0_prev| / mean|r0_prev| <= threshold (r0: block 0's residual)
 FIRST_BLOCK_THRESHOLD = 0.05
-FIRST_BLOCK_SOURCE = "diffusers FirstBlockCacheConfig (threshold 0.05), ParaAttention first block cache"
+FIRST_BLOCK_SOURCE = "diffusers FirstBlockCacheConfig (default threshold 0.05), after ParaAttention's first block cache"
