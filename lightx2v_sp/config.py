@@ -143,6 +143,32 @@ class LoraConfig:
 
 
 @dataclass
+class CacheConfig:
+    method: str = _f("none", "step caching: skip the DiT's blocks at steps where their output is predicted to change "
+                             "little and reuse the last residual (per guidance branch, the same decision on every "
+                             "rank). teacache and magcache use published Wan2.1 values (T2V 1.3B/14B, I2V 480p/720p)",
+                     ["none", "teacache", "magcache", "first_block"])
+    threshold: Optional[float] = _f(None, "skip while the method's change measure stays below this (0 = never skip); "
+                                          "null = the published value for the model (teacache 0.08 T2V-1.3B, 0.2 "
+                                          "T2V-14B, 0.26 I2V-480p, 0.3 I2V-720p; magcache 0.12 / 0.24; first_block "
+                                          "0.05)")
+    start_steps: Optional[int] = _f(None, "steps always computed at the start; null = the method's (teacache 1, 5 "
+                                          "with teacache_ret_steps; magcache 20% of the steps; first_block 1)")
+    end_steps: Optional[int] = _f(None, "steps always computed at the end; null = the method's (teacache 1, 0 with "
+                                        "teacache_ret_steps; magcache 0; first_block 1)")
+    max_skips: Optional[int] = _f(None, "most consecutive skipped steps per branch; null = the method's (magcache's "
+                                        "published K: 4 for T2V-1.3B, 6 for 14B; none for the others)")
+    teacache_ret_steps: bool = _f(False, "TeaCache's use_ret_steps mode: measure the time projection (e0) instead of "
+                                         "the time embedding, with its own published coefficients")
+    coefficients: Optional[List[float]] = _f(None, "TeaCache rescale polynomial (highest power first) for a model "
+                                                    "without published ones, or to override them")
+    ratios: Optional[str] = _f(None, "MagCache per-step ratios file (JSON) for a model without published ratios; "
+                                     "with calibrate=true, the file the calibration writes")
+    calibrate: bool = _f(False, "magcache: compute every step and write this model's per-step magnitude ratios to "
+                                "cache.ratios, for later runs to read")
+
+
+@dataclass
 class OutputConfig:
     path: str = _f("outputs/video.mp4", "mp4 written by rank 0 (atomically); a .json summary goes next to it")
 
@@ -168,6 +194,8 @@ class RunConfig:
     vae: VaeConfig = field(default_factory=VaeConfig, metadata={"doc": "VAE decode: dtype, split over ranks, tiling"})
     comm: CommConfig = field(default_factory=CommConfig, metadata={"doc": "communication settings"})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"doc": "where results go"})
+    cache: CacheConfig = field(default_factory=CacheConfig, metadata={"doc": "step caching (TeaCache, MagCache, "
+                                                                             "first-block cache)"})
     lora: List[LoraConfig] = field(default_factory=list, metadata={
         "doc": "LoRA adapters merged into the DiT weights at load, in order: a list of {path, scale, expert}; "
                "command line: lora='[{path: a.safetensors, scale: 0.8}]', then lora.0.scale=0.5 edits an entry "

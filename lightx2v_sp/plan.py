@@ -115,6 +115,10 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     else:
         den.gpu["DiT"] = (n["other"] + n["blocks"]) * mb
     den.gpu["DiT activations"] = int(local_tokens * (DIT_ACT_DIM * dit.dim + DIT_ACT_FFN * dit.ffn_dim) * mb)
+    if cfg.cache.method != "none":
+        from lightx2v_sp.pipeline.cache.policy import residual_bytes
+
+        den.gpu["step cache residuals"] = residual_bytes(cfg, local_tokens, dit.dim, mb)
 
     # decode: this rank's bands (pipeline/decode.py's layout)
     vb = DTYPE_BYTES[cfg.vae.dtype]

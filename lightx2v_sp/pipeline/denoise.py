@@ -78,7 +78,7 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device, transport
 @torch.no_grad()
 def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
             condition: torch.Tensor | None = None, image_context: torch.Tensor | None = None,
-            first_frame: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
+            first_frame: torch.Tensor | None = None, stats: dict | None = None, cache=None) -> torch.Tensor:
     """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32).
 
     `model` is one DiT or the `Experts` of a two-expert model (which one runs, and its guidance
@@ -88,7 +88,8 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
     `first_frame` [B, z, 1, H, W] (Wan2.2 TI2V with an image) replaces the first latent frame of every
     DiT input and of the result, and its tokens get timestep 0 (the others t), as diffusers'
     expand_timesteps does. `stats` (optional) receives this rank's DiT forward count and the
-    timesteps it ran.
+    timesteps it ran. `cache` (a pipeline.cache.StepCache, optional) decides per step and branch whether
+    the DiT's blocks run; its decisions go to `stats["cache"]`.
     """
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift, timesteps=s.timesteps)
@@ -102,6 +103,8 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
     with tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not show_progress, leave=True) as bar:
         for step, t in enumerate(bar, start=1):
             dit, scale = experts.select(t)
+            if cache is not None:
+                cache.begin_step(step - 1, experts.active)
             timestep = t.to(device=latents.device, dtype=torch.float32).expand(batch)
             x = latents if condition is None else torch.cat([latents, condition.to(latents.dtype)], dim=1)
             if first_frame is not None:
@@ -112,6 +115,8 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
             def forward(context):
                 nonlocal forwards
                 forwards += 1
+                if cache is not None:
+                    return cache.forward(dit, 0 if context is contexts.cond else 1, x, timestep, context, *extra)
                 return dit(x, timestep, context, *extra)
 
             velocity = guided_prediction(forward, contexts.cond, contexts.uncond, scale, dims)
@@ -120,11 +125,17 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
             now = time.perf_counter()
             step_times.append(round(now - last, 4))
             last = now
+            if cache is not None:
+                bar.set_postfix_str(cache.progress(), refresh=False)
     if first_frame is not None:
         latents = with_first_frame(latents, first_frame)
     if stats is not None:
         stats.update(dit_forwards=forwards, steps=num_steps, step_times_s=step_times,
                      timesteps=[round(float(t), 3) for t in scheduler.timesteps])
+        if cache is not None:
+            stats["cache"] = cache.summary()
+    if cache is not None:
+        cache.release()
     return latents.float()
 
 

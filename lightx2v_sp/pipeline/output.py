@@ -108,6 +108,17 @@ def remove_stale_temps(path: str) -> list[str]:
     return removed
 
 
+def check_parent_writable(path: str, key: str, consequence: str) -> None:
+    """ValueError unless a file can be created in the directory of `path` (made if missing)."""
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-", delete=True):
+            pass
+    except OSError as e:
+        raise ValueError(f"{key} = {path} is not writable ({e.strerror or e}); {consequence}") from None
+
+
 def check_writable(path: str) -> str:
     """Absolute output path after checking that a file can be created there (ValueError if not)."""
     path = os.path.abspath(os.path.expanduser(path))
@@ -115,14 +126,7 @@ def check_writable(path: str) -> str:
         raise ValueError(f"output.path = {path} is a directory; give a file name such as {path}/video.mp4")
     if not path.lower().endswith(".mp4"):
         raise ValueError(f"output.path = {path} must end with .mp4; the video is written as H.264 mp4")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-", delete=True):
-            pass
-    except OSError as e:
-        raise ValueError(f"output.path = {path} is not writable ({e.strerror or e}); no video could be saved, "
-                         "so the run was not started") from None
+    check_parent_writable(path, "output.path", "no video could be saved, so the run was not started")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"output.path = {path} exists and is read-only; it could not be replaced")
     check_ours(path)

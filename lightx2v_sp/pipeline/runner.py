@@ -28,6 +28,7 @@ from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import StageMemory
 from lightx2v_sp.plan import check_before_loading, plan_summary
 
+from .cache import StepCache, cache_summary, settings_for_run
 from .checks import agreed, all_gather_objects
 from .conditioning import image_inputs, needs_image_stage
 from .decode import decode_rows, gather_video, vae_on_every_rank
@@ -92,9 +93,10 @@ def _preflight(cfg, device: torch.device):
     check_before_loading(cfg, device, world, rank, paths.root)  # CUDA only: the plan against free memory
     kind = detect_kind(paths)
     check_inputs(kind, cfg)
+    cache = settings_for_run(cfg, kind, paths)
     if cfg.image is not None and rank == 0:  # rank 0 encodes it
         open_image(cfg.image)
-    return paths, out, kind
+    return paths, out, kind, cache
 
 
 def _ulysses(cfg) -> int:
@@ -123,7 +125,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     split_decode = vae_on_every_rank(cfg.vae, world)
 
     with stages("preflight"):
-        paths, out_path, kind = agreed("preflight", lambda: _preflight(cfg, device))
+        paths, out_path, kind, cache = agreed("preflight", lambda: _preflight(cfg, device))
         dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s)
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
@@ -160,7 +162,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     with stages("denoise"):
         latents = initial_latents(cfg.seed, shape, device)
         latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
-                          stats=denoise_stats, **image)
+                          stats=denoise_stats, cache=StepCache(cache, dims) if cache else None, **image)
     experts.release()
     lora_summary = [entry for m in models for entry in getattr(m, "lora_summary", [])]
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
@@ -172,7 +174,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     per_rank = all_gather_objects({"comm": {k: v.as_dict() for k, v in stages.comm.items()},
                                    "peak_memory": stages.memory.as_dict(), "times": dict(stages.times),
                                    "dit_forwards": denoise_stats["dit_forwards"],
-                                   "host_rss": stages.memory.host_as_dict()}, world)
+                                   "host_rss": stages.memory.host_as_dict(),
+                                   "cache": denoise_stats.pop("cache", None)}, world)  # in summary["cache"]
     result = RunResult(latents=latents.cpu())
     video, rows = None, [0] * world
 
@@ -210,6 +213,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
         result.summary["lora"] = lora_summary
         result.summary["experts"] = experts_summary
+        result.summary["cache"] = cache_summary(cache, [r["cache"] for r in per_rank], cfg, paths.as_dict())
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
         result.summary["memory_plan"] = plan_summary(cfg, world, root=paths.root)

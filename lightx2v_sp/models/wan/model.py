@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -228,6 +229,17 @@ class Head(nn.Module):
         return self.head(torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=self.eps), scale))
 
 
+class BlockInputs(NamedTuple):
+    """What `WanModel.embed` hands the blocks and the head (one forward's worth)."""
+    tokens: torch.Tensor                        # [B, S, dim] patch tokens
+    temb: torch.Tensor                          # fp32 [B, dim] or [B, S, dim] time embedding (the head's)
+    e0: torch.Tensor                            # fp32 [B, (S,) 6, dim] time projection (the blocks' modulation)
+    context: torch.Tensor                       # [B, L, dim] embedded text
+    rope: tuple[torch.Tensor, torch.Tensor]     # [S, 1, D] cos / sin tables
+    image_context: Optional[torch.Tensor]       # [B, L_img, dim] embedded CLIP tokens (Wan2.1 I2V) or None
+    grid: tuple[int, int, int]                  # token frames, rows, columns
+
+
 class WanModel(nn.Module):
     """latents [B, C, F, H, W], timestep [B], context [B, L, text_dim] -> [B, C, F, H, W]."""
 
@@ -272,7 +284,16 @@ class WanModel(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 image_context: torch.Tensor | None = None) -> torch.Tensor:
         """`timestep` [B], or [B, S] with one timestep per token (Wan2.2 TI2V: 0 on the given first frame);
-        `image_context` [B, L_img, image_dim]: the CLIP image tokens, for (and only for) Wan2.1 I2V."""
+        `image_context` [B, L_img, image_dim]: the CLIP image tokens, for (and only for) Wan2.1 I2V.
+
+        The three stages below are the whole forward; a step cache (pipeline/cache/) calls them one by one
+        to run part of it."""
+        inputs = self.embed(x, timestep, context, image_context)
+        return self.finish(self.run_blocks(inputs, inputs.tokens), inputs)
+
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+              image_context: torch.Tensor | None = None) -> "BlockInputs":
+        """Stage 1: tokens, time embedding and modulation, text (and image) context, RoPE tables."""
         cfg = self.config
         if (image_context is None) != (cfg.image_dim is None):
             raise ValueError(f"image_context is {'missing' if image_context is None else 'given'}, but this DiT "
@@ -298,9 +319,18 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(dtype))
         if image_context is not None:
             image_context = self.img_emb(image_context.to(dtype))
-        for block in self.blocks:
-            tokens = block(tokens, e0, context, rope, image_context)
-        return self.unpatchify(self.head(tokens, temb), grid)
+        return BlockInputs(tokens, temb, e0, context, rope, image_context, grid)
+
+    def run_blocks(self, inputs: "BlockInputs", tokens: torch.Tensor, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor:
+        """Stage 2: blocks[start:stop] on `tokens` [B, S, dim]."""
+        for i in range(start, len(self.blocks) if stop is None else stop):
+            tokens = self.blocks[i](tokens, inputs.e0, inputs.context, inputs.rope, inputs.image_context)
+        return tokens
+
+    def finish(self, tokens: torch.Tensor, inputs: "BlockInputs") -> torch.Tensor:
+        """Stage 3: the head on the blocks' output tokens, unpatchified to [B, C, F, H, W]."""
+        return self.unpatchify(self.head(tokens, inputs.temb), inputs.grid)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, S, pt*ph*pw*C] -> [B, C, F, H, W]; channel order within a token is (pt, ph, pw, C)."""
