@@ -163,5 +163,10 @@ def model_paths_for(cfg_model) -> ModelPaths:
     else:  # a local directory, or a Hugging Face repo id fetched into the hub cache (hub.py)
         root = resolve_path(cfg_model.path, "model", revision)
     main_repo = (split_repo_id(cfg_model.path) or (None,))[0] if cfg_model.path else None
-    return resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
-                                       for what in ("text_encoder", "tokenizer", "vae")))
+    paths = resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
+                                        for what in ("text_encoder", "tokenizer", "vae")))
+    if hasattr(cfg_model, "dit_path"):  # model.dit_path(_2): they exist, one per expert (pipeline/quant.py)
+        from .quant import dit_weights
+
+        dit_weights(cfg_model, 2 if paths.dit_2 else 1)
+    return paths

@@ -42,6 +42,7 @@ from .loading import load_checked
 from .loras import check_loras
 from .output import check_ours, check_video_writer, check_writable, summary_path, write_summary, write_video
 from .paths import model_paths_for
+from .quant import run_summary as quant_summary
 from .rank0_stage import rank0_stage
 from .text import check_text_encoder_layout, encode_prompts
 
@@ -163,6 +164,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                           stats=denoise_stats, **image)
     experts.release()
     lora_summary = [entry for m in models for entry in getattr(m, "lora_summary", [])]
+    quant = quant_summary(models, cfg)
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
     del models, experts, contexts, image
@@ -208,6 +210,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
         result.summary["lora"] = lora_summary
+        result.summary["quant"] = quant
         result.summary["experts"] = experts_summary
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
