@@ -165,3 +165,27 @@ def test_t5_fp8_weight_only_close_to_full_precision(mode):
         out = enc.forward_local(ids)
     err = float((out - ref).norm() / ref.norm())
     assert 1e-4 < err < 0.05, err
+
+
+def test_a_quantized_block_traces_under_torch_compile():
+    """model.compile compiles each block: dynamo and AOT autograd must trace both matmul paths (the
+    aot_eager backend skips inductor's code generation, which the GPU test covers)."""
+    import torch._dynamo
+
+    cfg = WanConfig.tiny()
+    torch.manual_seed(0)
+    model = WanModel(cfg).eval()
+    quantize_linears(model, DIT_LINEARS)
+    inputs = (torch.randn(1, cfg.in_dim, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, cfg.text_dim))
+    for path in ("weight_only", "fp8"):
+        for _, layer in fp8_layers(model):
+            layer.matmul = path
+        with torch.no_grad():
+            eager = model(*inputs)
+            for block in model.blocks:
+                block.compile(backend="aot_eager", dynamic=False)
+            compiled = model(*inputs)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        for block in model.blocks:
+            block._compiled_call_impl = None  # back to eager for the next path
+        torch._dynamo.reset()

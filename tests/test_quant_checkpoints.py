@@ -186,3 +186,26 @@ def test_bad_fp8_file_is_one_error_naming_file_and_key(files, tmp_path, case):
 def test_fp8_file_with_quant_null_is_refused(files, tmp_path):
     message = _bad(tmp_path, files, lambda t, m: None, quant=None)
     assert "stored as float8_e4m3fn" in message and "set model.quant=fp8" in message
+
+
+def test_cli_fp8_file_without_quant_is_one_error_line(files, tmp_path):
+    """As a user sees it: one `error:` line naming the file and the key, exit 1, no video."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--config", CONFIG, f"output.path={tmp_path}/c.mp4",
+                        f"model.dit_path={files['lightx2v']}"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert files["lightx2v"] in errors[0] and "weight' is stored as float8_e4m3fn" in errors[0], errors[0]
+    assert not (tmp_path / "c.mp4").exists()
+
+
+def test_missing_dit_path_is_a_preflight_error(tmp_path):
+    with pytest.raises(ValueError, match="missing.safetensors' does not exist"):
+        _run(tmp_path, "m", f"model.dit_path={tmp_path}/missing.safetensors", "model.quant=fp8")
+    with pytest.raises(ValueError, match="dit_path_2 .* is for two-expert models"):
+        _run(tmp_path, "m", f"model.dit_path={tmp_path}", f"model.dit_path_2={tmp_path}")

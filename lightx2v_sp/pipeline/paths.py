@@ -165,8 +165,8 @@ def model_paths_for(cfg_model) -> ModelPaths:
     main_repo = (split_repo_id(cfg_model.path) or (None,))[0] if cfg_model.path else None
     paths = resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
                                         for what in ("text_encoder", "tokenizer", "vae")))
-    if hasattr(cfg_model, "dit_path"):  # model.dit_path(_2): they exist, one per expert (pipeline/quant.py)
-        from .quant import dit_weights
+    if hasattr(cfg_model, "dit_path"):  # model.dit_path(_2): one per expert, headers fit (pipeline/quant.py)
+        from .quant import check_dit_weights
 
-        dit_weights(cfg_model, 2 if paths.dit_2 else 1)
+        check_dit_weights(cfg_model, [d for d in (paths.dit, paths.dit_2) if d])
     return paths

@@ -30,6 +30,17 @@ def _resolve(value: Optional[str], key: str) -> Optional[str]:
     return path
 
 
+def check_dit_weights(cfg_model, dits: list[str]) -> None:
+    """Preflight: the weight files exist, one per expert, and their headers fit the DiT configs in
+    `dits` (names, shapes, fp8 formats and scales), before anything is loaded or encoded."""
+    from lightx2v_sp.models.wan import load_wan
+
+    for config_dir, weights in zip(dits, dit_weights(cfg_model, len(dits))):
+        if weights is not None:
+            load_wan(config_dir, dtype=torch.bfloat16, device="meta", weights=weights,
+                     quant=getattr(cfg_model, "quant", None))
+
+
 def dit_weights(cfg_model, num_experts: int) -> list[Optional[str]]:
     """[weights of each expert] (None: the DiT directory's own); ValueError for a mismatch."""
     first = _resolve(cfg_model.dit_path, "model.dit_path")

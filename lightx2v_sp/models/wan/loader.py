@@ -169,6 +169,7 @@ def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None, we
     config comes from `path`. `quant` "fp8": the block linears hold e4m3 weights with per-output-channel
     scales; fp8 files load as they are, full-precision tensors are quantized one by one as they are read
     (on `work_device`, default `device`), so the full-precision model never sits in memory.
+    device="meta": only the headers are checked against the model (names, shapes, fp8 formats).
     """
     root, layout, cfg, files = resolve_checkpoint(path)
     config = WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
@@ -188,6 +189,8 @@ def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None, we
         if weights is None or str(weights) in str(e):
             raise
         raise ValueError(f"the DiT weights at {weights}: {e}") from None
+    if torch.device(device).type == "meta":  # a check of the files against the model: no weight is read
+        return model
     by_file: dict[Path, list] = {}
     for name, key, start, rows in plan:
         if skip is not None and skip(name):
