@@ -137,7 +137,7 @@ def test_plan_counts_fp8_weight_bytes():
     assert fp8.gpu_peak < 0.92 * 24 * 2 ** 30 < bf16.gpu_peak  # fits a 4090 without offload
 
 
-@pytest.mark.parametrize("mode", ["replicate", "shard_after_load"])
+@pytest.mark.parametrize("mode", ["replicate", "load_shard", "shard_after_load"])
 def test_t5_fp8_weight_only_close_to_full_precision(mode):
     """UMT5 in fp8 (weight-only) against fp32, and a quantized full encoder cut to a tp shard (its
     scales go with their rows): the tiny encoder's output moves by ~1% (e4m3 weights); 5% bounds it."""
@@ -151,7 +151,13 @@ def test_t5_fp8_weight_only_close_to_full_precision(mode):
     enc = T5Encoder.from_pretrained(path, dtype=torch.float32, quant="fp8")
     assert len(fp8_layers(enc)) == 7 * enc.config.num_layers
     assert T5_LINEARS.fullmatch("blocks.0.ffn.gate")
-    if mode == "shard_after_load":
+    if mode == "load_shard":  # a tp rank quantizes only the slices it reads
+        shard = T5Encoder.from_pretrained(path, dtype=torch.float32, quant="fp8", shard=T5Shard(1, 2))
+        rows = enc.blocks[0].attn.q.out_features // 2
+        assert torch.equal(shard.blocks[0].attn.q.dequantized(), enc.blocks[0].attn.q.dequantized()[rows:])
+        assert len(fp8_layers(shard)) == len(fp8_layers(enc))
+        out = enc.forward_local(ids)
+    elif mode == "shard_after_load":
         full = enc.forward_local(ids)
         halves = [shard_encoder(T5Encoder.from_pretrained(path, dtype=torch.float32, quant="fp8"), T5Shard(r, 2))
                   for r in range(2)]

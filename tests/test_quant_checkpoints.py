@@ -209,3 +209,14 @@ def test_missing_dit_path_is_a_preflight_error(tmp_path):
         _run(tmp_path, "m", f"model.dit_path={tmp_path}/missing.safetensors", "model.quant=fp8")
     with pytest.raises(ValueError, match="dit_path_2 .* is for two-expert models"):
         _run(tmp_path, "m", f"model.dit_path={tmp_path}", f"model.dit_path_2={tmp_path}")
+
+
+def test_lora_on_an_fp8_dit(tmp_path):
+    """The tiny LoRA merged into fp8 layers (dequantize, add, quantize again) against the same LoRA in
+    fp32: 0.0067 relative L2 (e4m3 rounding of the merged weights; 0.005 without the LoRA). 0.015 is
+    2x that and half of the LoRA's own effect (0.033), so a LoRA lost or doubled in fp8 fails it."""
+    lora = "lora=[{path: tiny, scale: 1.0}]"
+    ref = _run(tmp_path, "lora", lora)
+    ours = _run(tmp_path, "lora8", lora, "model.quant=fp8")
+    assert _rel(ours, ref) < 0.015 < _rel(_run(tmp_path, "none"), ref)
+    assert json.loads((tmp_path / "lora8.json").read_text())["lora"][0]["tensors_updated"] > 0

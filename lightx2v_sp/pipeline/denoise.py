@@ -52,6 +52,7 @@ def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: s
 
 def _blocks_from_local_rank0(cfg, device: torch.device, dtype: torch.dtype) -> bool:
     from lightx2v_sp.offload.shared_host import _shm_free_bytes, local_layout
+    from lightx2v_sp.models.quant import dit_block_bytes_per_param
     from lightx2v_sp.plan import dit_numel, model_shapes
 
     local_rank, local_world = local_layout()
@@ -59,7 +60,9 @@ def _blocks_from_local_rank0(cfg, device: torch.device, dtype: torch.dtype) -> b
             and torch.cuda.is_available()):
         return False
     # NodeSharedHost falls back to private copies when /dev/shm is too small; then this rank needs its own
-    needed = dit_numel(model_shapes(cfg.model).dit)["blocks"] * torch.empty(0, dtype=dtype).element_size()
+    dit = model_shapes(cfg.model).dit
+    per_param = dit_block_bytes_per_param(dit, torch.empty(0, dtype=dtype).element_size(), cfg.model.quant)
+    needed = dit_numel(dit)["blocks"] * per_param
     return _shm_free_bytes() >= needed
 
 
