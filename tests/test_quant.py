@@ -124,7 +124,7 @@ def test_plan_counts_fp8_weight_bytes():
     from lightx2v_sp.config import load_config
     from lightx2v_sp.plan import make_plan
 
-    base = ["offload.dit=none", "parallel.ulysses_degree=4", "parallel.cfg_degree=2"]
+    base = ["offload.dit=none", "parallel.ulysses_degree=4", "parallel.cfg_degree=2", "model.quant=null"]
     bf16 = make_plan(load_config("configs/wan_t2v_14b_720p_4090x8.yaml", base), 8)[1][0]
     fp8 = make_plan(load_config("configs/wan_t2v_14b_720p_4090x8.yaml", base + ["model.quant=fp8",
                                                                                    "text_encoder.quant=fp8"]), 8)[1][0]
