@@ -1,7 +1,8 @@
 """FP8 weights and matmuls against bf16, side by side in one run (issue 24).
 
   python scripts/bench_fp8.py --part linear --models 1.3b   # FP8 linear at Wan shapes (one GPU)
-  python scripts/bench_fp8.py --part linear --models 14b    # (one torch.compile per shape and path)
+  python scripts/bench_fp8.py --part linear --models 14b --tokens 32760   # (one torch.compile per shape
+  python scripts/bench_fp8.py --part linear --models 14b --tokens 75600   #  and path: split long runs)
   python scripts/bench_fp8.py --part step                   # 14B 480p CFG step, output error, weight bytes
   python scripts/bench_fp8.py --device cpu                  # smoke run of both parts at toy sizes
 
@@ -83,7 +84,7 @@ def linear_part(args, device, dtype) -> None:
         for model, dim, ffn, token_list in (("1.3B", 1536, 8960, (32760,)), ("14B", 5120, 13824, (32760, 75600))):
             if model.lower() not in args.models:
                 continue
-            for tokens in token_list:
+            for tokens in (t for t in token_list if not args.tokens or t in args.tokens):
                 shapes += [(model, "qkv", tokens, dim, 3 * dim), (model, "o", tokens, dim, dim),
                            (model, "ffn up", tokens, dim, ffn), (model, "ffn down", tokens, ffn, dim)]
     fp8_ok = fp8_gemm_supported(device, dtype) or device.type == "cpu"
@@ -247,6 +248,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3 linear, 1 step)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     ap.add_argument("--layers", type=int, default=None, help="step part: cap the number of blocks")
+    ap.add_argument("--tokens", nargs="+", type=int, default=None, choices=[32760, 75600],
+                    help="linear part: only these token counts (480p 32760, 720p 75600)")
     ap.add_argument("--models", nargs="+", default=["1.3b", "14b"], choices=["1.3b", "14b"],
                     help="linear part: whose shapes (one compilation per shape and path: split long runs)")
     args = ap.parse_args(argv)
