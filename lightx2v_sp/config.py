@@ -47,6 +47,17 @@ class ModelConfig:
                    ["wan2.1-t2v", "wan2.1-i2v", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"])
     compile: bool = _f(False, "torch.compile the DiT blocks: ~1.12x faster forward on an H100 (BENCHMARKS.md); "
                               "the first step pays the compilation")
+    quant: Optional[str] = _f(None, "DiT weights: null = the compute dtype; fp8 = the block linears in e4m3 with "
+                                    "fp32 per-output-channel scales (half the bytes; FP8 GEMM with per-token "
+                                    "activation scales on sm89+ in bf16, else weight-only). Full-precision "
+                                    "checkpoints are quantized while they load; fp8 files (model.dit_path) load "
+                                    "as they are", [None, "fp8"])
+    dit_path: Optional[str] = _f(None, "DiT weights from another file or directory (.safetensors: a community "
+                                       "fp8 / scaled_fp8 / ComfyUI / LightX2V file, any prefix); the config, text "
+                                       "encoder and VAE still come from model.path. Two-expert models: the "
+                                       "high-noise expert's. null = the DiT under model.path")
+    dit_path_2: Optional[str] = _f(None, "two-expert models (Wan2.2 A14B): the low-noise expert's weights, with "
+                                         "model.dit_path the high-noise one's")
 
 
 @dataclass
@@ -100,6 +111,9 @@ class TextEncoderConfig:
     device: str = _f("gpu", "where the encoder lives: gpu, cpu (runs there) or swap (GPU only for its stage)",
                      ["gpu", "cpu", "swap"])
     text_len: int = _f(512, "tokens per prompt (Wan2.1 uses 512)")
+    quant: Optional[str] = _f(None, "null = the compute dtype; fp8 = UMT5's block linears in e4m3 with fp32 "
+                                    "per-output-channel scales, weight-only (dequantized per layer; it runs once "
+                                    "per prompt): about half of its 11 GB", [None, "fp8"])
 
 
 @dataclass
@@ -342,6 +356,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(f"parallel.cfg_degree=2 needs classifier-free guidance, but sample.guidance_scale="
                          f"{s.guidance_scale} (<= 1) skips the unconditional pass; half of the ranks would idle")
     _validate_timesteps(s)
+    _validate_quant(cfg)
     for i, entry in enumerate(cfg.lora):
         if not entry.path:
             raise ValueError(f"lora.{i}.path is empty; {_LORA_ENTRY}")
@@ -361,6 +376,16 @@ def _validate_timesteps(s: SampleConfig) -> None:
     if any(not 0 < v <= 1000 for v in t) or any(a <= b for a, b in zip(t, t[1:])):
         raise ValueError(f"sample.timesteps = {t} must be strictly decreasing values in (0, 1000] (1000 = pure "
                          "noise); the sampler would step backwards or past the end")
+
+
+def _validate_quant(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.dit_path_2 is not None and m.dit_path is None:
+        raise ValueError(f"model.dit_path_2 = {m.dit_path_2!r} names the low-noise expert's weights, but "
+                         "model.dit_path (the high-noise expert's) is null; give both, or neither")
+    for key, value in (("model.dit_path", m.dit_path), ("model.dit_path_2", m.dit_path_2)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{key} is empty; give a .safetensors file or directory, or null")
 
 
 def _normalize_lora(node) -> None:

@@ -27,6 +27,8 @@ import torch
 from .plan_sizes import (DTYPE_BYTES, GIB, Shapes, _meta_vae, _numel, _t5_numel, dit_numel,  # noqa: F401
                          model_shapes, vae_decode_bytes)
 
+from .models.quant import dit_block_bytes_per_param, t5_bytes_per_param
+
 log = logging.getLogger("lightx2v_sp")
 
 # DiT activation values per local token: a * dim + b * ffn_dim (see the module doc)
@@ -89,7 +91,8 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     # text: the encoder on the GPU (gpu/swap) or the host (cpu) for this stage only
     te = cfg.text_encoder
     te_mode = te.parallel if world > 1 else "replicate"
-    t5_bytes = _t5_numel(shapes.t5, te_mode, world, rank) * mb
+    t5_numel = _t5_numel(shapes.t5, te_mode, world, rank)
+    t5_bytes = int(t5_numel * t5_bytes_per_param(shapes.t5, t5_numel, mb, getattr(te, "quant", None)))
     prompts = 2 if s.guidance_scale != 1.0 else 1
     t5_tokens = prompts * te.text_len
     if te_mode == "dp":
@@ -104,16 +107,17 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
 
     # denoise: DiT weights resident or two blocks streamed from pinned host memory
     n = dit_numel(dit)
+    bb = dit_block_bytes_per_param(dit, mb, getattr(cfg.model, "quant", None))  # model.quant=fp8: ~1 byte
     den = StagePlan("denoise")
     if cfg.offload.dit == "block":
-        den.gpu["DiT (non-block + 2 blocks)"] = (n["other"] + 2 * n["block"]) * mb
+        den.gpu["DiT (non-block + 2 blocks)"] = int(n["other"] * mb + 2 * n["block"] * bb)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) or 1
         if cfg.offload.share_host and local > 1 and rank % local:
             den.host["DiT blocks (local rank 0's pinned copy)"] = 0
         else:  # one copy per node (share_host), else one per rank
-            den.host["DiT blocks, pinned"] = n["blocks"] * mb
+            den.host["DiT blocks, pinned"] = int(n["blocks"] * bb)
     else:
-        den.gpu["DiT"] = (n["other"] + n["blocks"]) * mb
+        den.gpu["DiT"] = int(n["other"] * mb + n["blocks"] * bb)
     den.gpu["DiT activations"] = int(local_tokens * (DIT_ACT_DIM * dit.dim + DIT_ACT_FFN * dit.ffn_dim) * mb)
     if cfg.cache.method != "none":
         from lightx2v_sp.pipeline.cache.policy import residual_bytes
@@ -166,6 +170,7 @@ def fits(ranks: list[RankPlan], gpu_bytes: int) -> bool:
 
 _FIXES = [  # (setting, overrides applied to a copy of the config)
     ("offload.dit=block", {"offload": {"dit": "block"}}),
+    ("model.quant=fp8", {"model": {"quant": "fp8"}}),
     ("vae.dtype=bf16", {"vae": {"dtype": "bf16"}}),
     ("text_encoder.device=cpu", {"text_encoder": {"device": "cpu"}}),
     ("text_encoder.parallel=tp", {"text_encoder": {"parallel": "tp"}}),
@@ -220,7 +225,7 @@ def format_plan(cfg, shapes: Shapes, ranks: list[RankPlan], gpu_bytes: int, gpu_
     s = cfg.sample
     world = len(ranks)
     lines = [f"Memory plan: {shapes.name}; {s.num_frames}x{s.height}x{s.width}, {world} rank(s); "
-             f"DiT {cfg.model.dtype}, offload.dit={cfg.offload.dit}, text_encoder={cfg.text_encoder.parallel}/"
+             f"DiT {cfg.model.dtype}{' fp8' if getattr(cfg.model, 'quant', None) else ''}, offload.dit={cfg.offload.dit}, text_encoder={cfg.text_encoder.parallel}/"
              f"{cfg.text_encoder.device}, vae {cfg.vae.dtype} {cfg.vae.parallel} tiling={cfg.vae.tiling} "
              f"offload.vae={cfg.offload.vae}",
              f"GPU: {_gib(gpu_bytes)} GiB ({gpu_source}); a rank fits when its peak <= {USABLE:.0%} of it", "",

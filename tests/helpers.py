@@ -242,3 +242,104 @@ def to_kohya(src: str, dst: str) -> str:
             out[f"diffusion_model.{name}.diff_b"] = t * s
     save_file(out, dst)
     return dst
+
+
+# --- fp8 DiT checkpoints in the community layouts (issue 24), written from their public descriptions:
+# ComfyUI's comfy/ops.py + comfy/utils.py (scaled_fp8, comfy_quant) and LightX2V's converter (weight_scale
+# [out, 1]). Keys are official Wan names; `prefix` is what the file puts in front of them.
+
+FP8 = torch.float8_e4m3fn
+FP8_BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                     "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+FP8_FORMATS = ("plain", "scaled_fp8", "comfy_quant", "comfy_metadata", "lightx2v")
+
+
+def tiny_dit_state(variant: str = "wan2.1-t2v", expert: str | None = None) -> dict[str, torch.Tensor]:
+    """The embedded tiny DiT's tensors (official names, fp32), read from its file."""
+    from safetensors.torch import load_file
+
+    root = tiny.ensure_tiny_model(variant=variant)
+    return load_file(os.path.join(root, expert or "", "diffusion_pytorch_model.safetensors"))
+
+
+def spread_rows(state: dict, seed: int = 0, decades: float = 4.5, gain: float = 1.0) -> dict[str, torch.Tensor]:
+    """The same function with rows of very different magnitudes: each q and k row (weight and bias) of
+    both attentions times 10**U(-decades, 0), the q / k RMSNorm weight of that channel divided by it.
+    The norm undoes the factor (its rms is set by the large rows), so small rows matter as much as
+    large ones: one scale per tensor would flush them into e4m3's subnormals, one per row does not."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for key in state:
+        if not key.endswith(("attn.q.weight", "attn.k.weight")):
+            continue
+        layer = key[:-len(".weight")]
+        s = 10 ** (-decades * torch.rand(state[key].shape[0], generator=gen, dtype=torch.float64))
+        norm = layer.rsplit(".", 1)[0] + ".norm_" + layer.rsplit(".", 1)[1] + ".weight"
+        out[key] = (state[key].double() * s[:, None]).float()
+        out[layer + ".bias"] = (state[layer + ".bias"].double() * s).float()
+        out[norm] = (state[norm].double() * gain / s).float()
+    return out
+
+
+def _fp8_layers(state: dict, extra: tuple = ()) -> list[str]:
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    return [f"blocks.{b}.{n}" for b in sorted(blocks) for n in FP8_BLOCK_LINEARS] + list(extra)
+
+
+def community_fp8(state: dict, fmt: str, prefix: str = "") -> tuple[dict, dict]:
+    """(tensors, header metadata) of `state` written as a community fp8 file of format `fmt`."""
+    import json
+
+    out, meta = {}, {}
+    # scaled files also quantize some layers the runtime keeps in the compute dtype: they are dequantized
+    extra = ("text_embedding.2", "time_projection.1") if fmt != "lightx2v" else ()
+    layers = _fp8_layers(state, extra)
+    for key, t in state.items():
+        out[prefix + key] = t
+    for layer in layers:
+        w = state[layer + ".weight"].float()
+        k = prefix + layer
+        if fmt == "plain":
+            out[k + ".weight"] = w.clamp(-448, 448).to(FP8)
+            continue
+        per_row = fmt == "lightx2v"
+        amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
+        scale = (amax / 448).clamp_min(1e-12).float()
+        out[k + ".weight"] = (w / scale).clamp(-448, 448).to(FP8)
+        if fmt == "scaled_fp8":
+            out[k + ".scale_weight"], out[k + ".scale_input"] = scale.reshape(()), torch.tensor(1.0)
+        elif fmt == "comfy_quant":
+            out[k + ".weight_scale"], out[k + ".input_scale"] = scale.reshape(()), torch.tensor(0.5)
+            out[k + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                    dtype=torch.uint8)
+        elif fmt == "comfy_metadata":
+            out[k + ".weight_scale"] = scale.reshape(())
+            meta.setdefault("layers", {})[k] = {"format": "float8_e4m3fn"}
+        else:  # lightx2v: one scale per output row, [out, 1]
+            out[k + ".weight_scale"] = scale
+    if fmt == "scaled_fp8":
+        out[prefix + "scaled_fp8"] = torch.empty(0, dtype=FP8)
+    return out, ({"_quantization_metadata": json.dumps(meta)} if meta else {})
+
+
+def dequantized(tensors: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """What a community fp8 file means in fp32: weight x scale, side tensors dropped, names unprefixed."""
+    out = {}
+    for key, t in tensors.items():
+        name = key[len(prefix):]
+        if name == "scaled_fp8" or name.endswith((".scale_weight", ".weight_scale", ".scale_input", ".input_scale",
+                                                  ".comfy_quant")):
+            continue
+        if t.dtype == FP8:
+            layer = key[:-len(".weight")]
+            scale = tensors.get(layer + ".scale_weight", tensors.get(layer + ".weight_scale", torch.tensor(1.0)))
+            t = t.float() * scale.float()
+        out[name] = t
+    return out
+
+
+def write_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    return path

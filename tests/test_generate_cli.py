@@ -111,7 +111,7 @@ def test_help_config_lists_keys(cache):
     r = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--help-config"], cwd=ROOT,
                        env=_env(cache), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "parallel.ulysses_degree" in r.stdout and "output.path" in r.stdout
-    big = os.path.join(ROOT, "configs", "wan_t2v_14b_720p_4090x8.yaml")
+    big = os.path.join(ROOT, "configs", "wan_t2v_14b_720p_4090x8_offload.yaml")
     r = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--config", big, "--help-config",
                         "sample.steps=7"], cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=60)
     values = {line.split(" = ")[0]: line.split(" = ")[1] for line in r.stdout.splitlines() if " = " in line}

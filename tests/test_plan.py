@@ -112,8 +112,8 @@ def test_run_stops_before_loading_when_the_plan_does_not_fit(monkeypatch):
 
 
 def test_block_offload_host_copy_is_counted_once_per_node():
-    _, shared = make_plan(_cfg("wan_t2v_14b_720p_4090x8.yaml"), 8)
-    _, private = make_plan(_cfg("wan_t2v_14b_720p_4090x8.yaml", "offload.share_host=false"), 8)
+    _, shared = make_plan(_cfg("wan_t2v_14b_720p_4090x8_offload.yaml"), 8)
+    _, private = make_plan(_cfg("wan_t2v_14b_720p_4090x8_offload.yaml", "offload.share_host=false"), 8)
     blocks = private[0].stages[1].host["DiT blocks, pinned"]
     assert 24 * GIB < blocks < 28 * GIB  # Wan2.1-14B's 40 blocks in bf16
     assert sum(r.host_peak for r in private) - sum(r.host_peak for r in shared) == 7 * blocks

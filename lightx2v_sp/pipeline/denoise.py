@@ -20,6 +20,7 @@ from .experts import Experts
 from .finite import check_latents
 from .guidance import guided_prediction
 from .loras import apply_loras
+from .quant import install_dit_matmul, load_options
 from .scheduler import make_scheduler
 
 
@@ -33,22 +34,27 @@ def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: s
     (with the LoRAs merged) supplies them (offload/shared_host.py), so the node reads and holds the
     blocks once. `model.blocks_loaded` tells install_parallel which case it is.
     """
+    # model.dit_path(_2) and model.quant (pipeline/quant.py): which file, and fp8 or not
+    options = load_options(cfg, int(expert == "low_noise"), 1 if expert is None else 2, device)
     if cfg.offload.dit != "block":
         on_host = cfg.offload.dit == "swap"
-        model = WanModel.from_pretrained(path, dtype=dtype, device="cpu" if on_host else device)
+        model = WanModel.from_pretrained(path, dtype=dtype, device="cpu" if on_host else device, **options)
         model.lora_summary = apply_loras(model, cfg, device, expert)
+        install_dit_matmul(model, cfg, device, dtype)
         return model
     from_peer = _blocks_from_local_rank0(cfg, device, dtype)
     model = WanModel.from_pretrained(path, dtype=dtype, device="cpu",
-                                     skip=(lambda name: name.startswith("blocks.")) if from_peer else None)
+                                     skip=(lambda name: name.startswith("blocks.")) if from_peer else None, **options)
     model.blocks_loaded = not from_peer
     # a rank that skipped the blocks merges only what it holds; local rank 0 merges the shared blocks
     model.lora_summary = apply_loras(model, cfg, device, expert, skip_blocks=from_peer)
+    install_dit_matmul(model, cfg, device, dtype)
     return model
 
 
 def _blocks_from_local_rank0(cfg, device: torch.device, dtype: torch.dtype) -> bool:
     from lightx2v_sp.offload.shared_host import _shm_free_bytes, local_layout
+    from lightx2v_sp.models.quant import dit_block_bytes_per_param
     from lightx2v_sp.plan import dit_numel, model_shapes
 
     local_rank, local_world = local_layout()
@@ -56,7 +62,9 @@ def _blocks_from_local_rank0(cfg, device: torch.device, dtype: torch.dtype) -> b
             and torch.cuda.is_available()):
         return False
     # NodeSharedHost falls back to private copies when /dev/shm is too small; then this rank needs its own
-    needed = dit_numel(model_shapes(cfg.model).dit)["blocks"] * torch.empty(0, dtype=dtype).element_size()
+    dit = model_shapes(cfg.model).dit
+    per_param = dit_block_bytes_per_param(dit, torch.empty(0, dtype=dtype).element_size(), cfg.model.quant)
+    needed = dit_numel(dit)["blocks"] * per_param
     return _shm_free_bytes() >= needed
 
 

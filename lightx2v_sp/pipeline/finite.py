@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lightx2v_sp.models.quant import fp8_is_finite
+
 from .checks import AgreedError
 
 
@@ -20,7 +22,8 @@ def check_weights(module: torch.nn.Module, component: str, path: str) -> None:
     named = [(n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.device.type != "meta"]
     if not named:
         return
-    flags = torch.stack([torch.isfinite(p).all().to(named[0][1].device) for _, p in named])
+    flags = torch.stack([(fp8_is_finite(p) if p.dtype == torch.float8_e4m3fn else torch.isfinite(p).all())
+                         .to(named[0][1].device) for _, p in named])
     if bool(flags.all()):  # the one sync
         return
     bad = [n for (n, _), ok in zip(named, flags.tolist()) if not ok]

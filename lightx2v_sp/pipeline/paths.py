@@ -163,8 +163,13 @@ def model_paths_for(cfg_model) -> ModelPaths:
     else:  # a local directory, or a Hugging Face repo id fetched into the hub cache (hub.py)
         root = resolve_path(cfg_model.path, "model", revision, precheck=_refuse_before_download)
     main_repo = (split_repo_id(cfg_model.path) or (None,))[0] if cfg_model.path else None
-    return resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
-                                       for what in ("text_encoder", "tokenizer", "vae")))
+    paths = resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
+                                        for what in ("text_encoder", "tokenizer", "vae")))
+    if hasattr(cfg_model, "dit_path"):  # model.dit_path(_2): one per expert, headers fit (pipeline/quant.py)
+        from .quant import check_dit_weights
+
+        check_dit_weights(cfg_model, [d for d in (paths.dit, paths.dit_2) if d])
+    return paths
 
 
 def _refuse_before_download(root: str) -> None:

@@ -43,6 +43,7 @@ from .loading import load_checked
 from .loras import check_loras
 from .output import OutputPair, check_ours, check_video_writer, check_writable, summary_path
 from .paths import model_paths_for
+from .quant import run_summary as quant_summary
 from .rank0_stage import rank0_stage
 from .text import check_text_encoder_layout, encode_prompts
 
@@ -165,6 +166,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                           stats=denoise_stats, cache=StepCache(cache, dims) if cache else None, **image)
     experts.release()
     lora_summary = [entry for m in models for entry in getattr(m, "lora_summary", [])]
+    quant = quant_summary(models, cfg)
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
     del models, experts, contexts, image
@@ -212,6 +214,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
         result.summary["lora"] = lora_summary
+        result.summary["quant"] = quant
         result.summary["experts"] = experts_summary
         result.summary["cache"] = cache_summary(cache, [r["cache"] for r in per_rank], cfg, paths.as_dict())
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,

@@ -57,7 +57,8 @@ def cut_tokens(tokenizer, prompts: list[str], text_len: int) -> list[int]:
 def load_text_encoder(path: str, te_cfg, dtype: torch.dtype, dims) -> T5Encoder:
     """Only this rank's shard for tp; the whole encoder otherwise (on the CPU: placement moves it)."""
     shard = T5Shard(dims.rank, dims.world_size) if te_cfg.parallel == "tp" and dims.world_size > 1 else None
-    return T5Encoder.from_pretrained(path, dtype=dtype, device="cpu", shard=shard)
+    return T5Encoder.from_pretrained(path, dtype=dtype, device="cpu", shard=shard,
+                                     quant=getattr(te_cfg, "quant", None))  # fp8: quantized as it is read
 
 
 def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -> TextContexts:

@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from ..quant import T5_LINEARS, quantize_linears, quantize_rows
 from ..safetensors_io import save_safetensors
 from .model import T5Config, T5Encoder
 from .shard import T5Shard
@@ -227,8 +228,13 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def load_t5_encoder(path, dtype=None, device="cpu", shard: T5Shard | None = None) -> T5Encoder:
-    """Build a T5Encoder from `path`; with `shard`, only that tensor-parallel rank's slices are read."""
+def load_t5_encoder(path, dtype=None, device="cpu", shard: T5Shard | None = None, quant: str | None = None,
+                    work_device=None) -> T5Encoder:
+    """Build a T5Encoder from `path`; with `shard`, only that tensor-parallel rank's slices are read.
+
+    `quant` "fp8": the block linears become Fp8Linear (models/quant) and each of their weights is
+    quantized per output channel as it is read (on `work_device`, default `device`): the
+    full-precision encoder never sits in memory."""
     path = os.fspath(path)
     layout, source, cfg = _open(path)
     keys = source.keys()
@@ -242,12 +248,18 @@ def load_t5_encoder(path, dtype=None, device="cpu", shard: T5Shard | None = None
     else:
         with torch.device("meta"):
             enc = T5Encoder(cfg)
+    quantized = set(quantize_linears(enc, T5_LINEARS)) if quant == "fp8" else set()
     state = {}
     for name, key in names.items():
         if source.shape(key) != shapes[name]:
             raise ValueError(f"{path}: {key} has shape {source.shape(key)}, the config "
                              f"({cfg}) needs {shapes[name]}; the checkpoint does not match its config")
         piece = shard.param_slice(name, cfg) if shard is not None else None
+        layer = name.removesuffix(".weight")
+        if layer in quantized:
+            q, scale = quantize_rows(source.read(key, piece).to(work_device or device))
+            state[name], state[layer + ".weight_scale"] = q.to(device), scale.to(device)
+            continue
         # copy a slice so it does not keep the whole memory-mapped tensor alive behind a view
         state[name] = source.read(key, piece).to(device=device, dtype=dtype, copy=piece is not None).contiguous()
     enc.load_state_dict(state, strict=True, assign=True)
@@ -287,9 +299,10 @@ def save_t5_encoder(enc: T5Encoder, path, layout: str = "hf", max_shard_bytes: i
     return path
 
 
-def _from_pretrained(cls, path, dtype=None, device="cpu", shard=None) -> T5Encoder:
-    """HF UMT5 directory (safetensors, sharded too) or the official Wan2.1 .pth (load_t5_encoder)."""
-    return load_t5_encoder(path, dtype=dtype, device=device, shard=shard)
+def _from_pretrained(cls, path, dtype=None, device="cpu", shard=None, **kwargs) -> T5Encoder:
+    """HF UMT5 directory (safetensors, sharded too) or the official Wan2.1 .pth (load_t5_encoder; kwargs:
+    quant, work_device)."""
+    return load_t5_encoder(path, dtype=dtype, device=device, shard=shard, **kwargs)
 
 
 T5Encoder.from_pretrained = classmethod(_from_pretrained)

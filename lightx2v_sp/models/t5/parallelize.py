@@ -26,6 +26,7 @@ from lightx2v_sp.distributed.groups import group_size_rank
 from lightx2v_sp.distributed.sequence import split_sizes
 from lightx2v_sp.distributed.varlen import all_gather_v, reduce_scatter_v
 
+from ..quant import T5_LINEARS, quantize_linears
 from .model import T5Encoder, padding_bias
 from .shard import T5Shard
 
@@ -156,6 +157,8 @@ def shard_encoder(enc: T5Encoder, shard: T5Shard) -> T5Encoder:
     """Cut a full encoder down to `shard`'s slices in place (the full weights are released)."""
     cfg = enc.config
     sharded = shard.build(cfg)  # meta tensors with the shard's shapes
+    if any(n.endswith(".weight_scale") for n, _ in enc.named_parameters()):  # text_encoder.quant=fp8
+        quantize_linears(sharded, T5_LINEARS)
     state = {}
     for name, p in enc.named_parameters():
         piece = shard.param_slice(name, cfg)

@@ -28,6 +28,9 @@ _RULES = [
     (re.compile(r"blocks\.\d+\.ffn\.(gate|fc1)\.weight"), "ff", 0),
     (re.compile(r"blocks\.\d+\.ffn\.fc2\.weight"), "ff", 1),
     (re.compile(r"token_embedding\.weight"), "vocab", 0),
+    # fp8 layers (text_encoder.quant): one scale per output row goes with the rows; o and fc2 keep theirs
+    (re.compile(r"blocks\.\d+\.attn\.[qkv]\.weight_scale"), "inner", 0),
+    (re.compile(r"blocks\.\d+\.ffn\.(gate|fc1)\.weight_scale"), "ff", 0),
 ]
 
 

@@ -4,9 +4,14 @@ Loading builds the model on the meta device, allocates it once (uninitialised) i
 dtype and device, then copies tensor by tensor out of the memory-mapped safetensors files: the
 only extra memory is one source tensor at a time. Everything is validated (missing, unexpected,
 wrong shape) from the file headers before a byte of weights is read.
+
+With `quant="fp8"` the block linears are Fp8Linear from the start and every tensor is converted as it
+is copied (models/quant): fp8 community files load as they are, full-precision ones are quantized
+tensor by tensor. `weights` (model.dit_path) reads the tensors from another file or directory.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..quant import DIT_LINEARS, copy_piece, quantize_linears, scan, strip_prefix
+from ..quant.checkpoint import SAFETENSORS_DTYPES
 from ..safetensors_io import save_safetensors
 from .config import WanConfig
 from .keymap import native_pieces
@@ -22,7 +29,6 @@ from .model import WanModel
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
-OFFICIAL_PREFIX = "model.diffusion_model."  # ComfyUI-style repacks of the official weights
 
 
 def _list_error(what: str, keys: list[str], limit: int = 20) -> str:
@@ -67,20 +73,42 @@ def resolve_checkpoint(path) -> tuple[Path, str, dict, list[Path]]:
     return root, layout, cfg, files
 
 
+def weight_files(weights) -> list[Path]:
+    """The safetensors files of `model.dit_path`: a file, or a directory (index, or all its files)."""
+    root = Path(weights)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise ValueError(f"DiT weights {str(root)!r} (model.dit_path) do not exist; give a .safetensors file or a "
+                         "directory of them")
+    if (root / INDEX).is_file():
+        return [root / name for name in sorted(set(json.loads((root / INDEX).read_text())["weight_map"].values()))]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {str(root)!r} (model.dit_path; contents: "
+                         f"{sorted(os.listdir(root))})")
+    return files
+
+
+def weights_layout(keys) -> str:
+    """official or diffusers, from the tensor names of weights that came without a config."""
+    diffusers = ("condition_embedder.", "proj_out.", "scale_shift_table")
+    return "diffusers" if any(k.startswith(diffusers) or ".attn1." in k for k in keys) else "official"
+
+
 def _read_headers(files: list[Path]) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple], dict[str, torch.dtype]]:
     """key -> (file, stored key), key -> shape, key -> dtype, from the safetensors headers only."""
     where, shapes, dtypes = {}, {}, {}
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for stored in f.keys():
-                key = stored[len(OFFICIAL_PREFIX):] if stored.startswith(OFFICIAL_PREFIX) else stored
+                key = strip_prefix(stored)  # ComfyUI-style repacks: model.diffusion_model. / diffusion_model.
                 if key in where:
                     raise ValueError(f"tensor {key!r} is stored twice: in {where[key][0].name} and {file.name}")
                 sl = f.get_slice(stored)
                 where[key] = (file, stored)
                 shapes[key] = tuple(sl.get_shape())
-                dtypes[key] = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32",
-                                              "F64": "float64"}.get(sl.get_dtype(), "uint8"))
+                dtypes[key] = SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.uint8)
     return where, shapes, dtypes
 
 
@@ -106,39 +134,83 @@ def _plan(model: WanModel, layout: str, shapes: dict[str, tuple]):
     return plan
 
 
-def _build(config: WanConfig, layout: str, shapes: dict[str, tuple], dtype: torch.dtype, device):
-    """An uninitialised model in `dtype` on `device`, and the checked copy plan for its weights."""
+def _build(config: WanConfig, layout: str, shapes: dict[str, tuple], dtype: torch.dtype, device,
+           quant: str | None = None):
+    """An uninitialised model in `dtype` on `device`, and the checked copy plan for its weights;
+    `quant` fp8: the block linears become Fp8Linear (e4m3 + scales) before anything is allocated."""
     with torch.device("meta"):
         model = WanModel(config)
     plan = _plan(model, layout, shapes)
     model.set_dtype(dtype)
+    if quant == "fp8":
+        quantize_linears(model, DIT_LINEARS)
     model.to_empty(device=device)
     return model, plan
 
 
-def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None) -> WanModel:
-    """`skip(name)` True: that parameter is allocated but not read (another process supplies it)."""
+def _open(files: list[Path], quant: str | None, weights):
+    """Headers of the weight files, their layout (None: the config directory's) and their fp8 side."""
+    where, shapes, dtypes = _read_headers(files)
+
+    def read_small(key):
+        with safe_open(where[key][0], framework="pt", device="cpu") as f:
+            return f.get_tensor(where[key][1])
+
+    fp8 = scan(files, where, shapes, dtypes, quant, read_small)
+    return where, shapes, dtypes, (weights_layout(shapes) if weights is not None else None), fp8
+
+
+def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None, weights=None,
+             quant: str | None = None, work_device=None) -> WanModel:
+    """`skip(name)` True: that parameter is allocated but not read (another process supplies it).
+
+    `weights`: a .safetensors file or directory holding the DiT's tensors (model.dit_path: e.g. a
+    community fp8 file, either layout, with or without a `model.diffusion_model.` prefix), while the
+    config comes from `path`. `quant` "fp8": the block linears hold e4m3 weights with per-output-channel
+    scales; fp8 files load as they are, full-precision tensors are quantized one by one as they are read
+    (on `work_device`, default `device`), so the full-precision model never sits in memory.
+    device="meta": only the headers are checked against the model (names, shapes, fp8 formats).
+    """
     root, layout, cfg, files = resolve_checkpoint(path)
     config = WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
-    where, shapes, dtypes = _read_headers(files)
-    if layout == "official" and "img_emb.proj.0.weight" in shapes and config.image_dim is None:
-        # Wan2.1 I2V: the official config does not say how wide the CLIP tokens are; the weights do
-        config = dataclasses.replace(config, image_dim=shapes["img_emb.proj.0.weight"][0])
-    if dtype is None:  # keep what the checkpoint stores
-        first = native_pieces("patch_embedding.weight", config.dim, layout)[0][0]
-        dtype = dtypes.get(first, torch.float32)
-    model, plan = _build(config, layout, shapes, dtype, device)
-    params = dict(model.named_parameters())
+    try:
+        where, shapes, dtypes, weights_layout_, fp8 = _open(weight_files(weights) if weights else files, quant,
+                                                              weights)
+        layout = weights_layout_ or layout
+        if layout == "official" and "img_emb.proj.0.weight" in shapes and config.image_dim is None:
+            # Wan2.1 I2V: the official config does not say how wide the CLIP tokens are; the weights do
+            config = dataclasses.replace(config, image_dim=shapes["img_emb.proj.0.weight"][0])
+        if dtype is None:  # keep what the checkpoint stores
+            first = native_pieces("patch_embedding.weight", config.dim, layout)[0][0]
+            dtype = dtypes.get(first, torch.float32)
+            dtype = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype  # an fp8 file computes in bf16
+        model, plan = _build(config, layout, shapes, dtype, device, quant)
+    except ValueError as e:
+        if weights is None or str(weights) in str(e):
+            raise
+        raise ValueError(f"the DiT weights at {weights}: {e}") from None
+    if torch.device(device).type == "meta":  # a check of the files against the model: no weight is read
+        return model
     by_file: dict[Path, list] = {}
     for name, key, start, rows in plan:
         if skip is not None and skip(name):
             continue
-        by_file.setdefault(where[key][0], []).append((name, where[key][1], start, rows))
-    with torch.no_grad():
+        by_file.setdefault(where[key][0], []).append((name, key, start, rows))
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        handles: dict = {}
+
+        def read(file, stored):
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            return handles[file].get_tensor(stored)
+
         for file, pieces in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name, stored, start, rows in pieces:
-                    params[name].narrow(0, start, rows).copy_(f.get_tensor(stored))
+            for name, key, start, rows in pieces:
+                scale = fp8.scales.get(key)
+                copy_piece(model, name, start, rows, read(*where[key]),
+                           read(*fp8.scale_where[scale]) if scale else None, f"{file}, key {where[key][1]!r}",
+                           work_device)
+    model.quant_source = fp8.describe() if quant else None
     return model.eval()
 
 
@@ -168,9 +240,10 @@ def save_pretrained(model: WanModel, path, layout: str = "official", max_shard_b
     save_safetensors(tensors, path, WEIGHTS.removesuffix(".safetensors"), max_shard_bytes)
 
 
-def _from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", skip=None) -> WanModel:
-    """Load an official Wan checkpoint or a diffusers WanTransformer3DModel directory (load_wan)."""
-    return load_wan(path, dtype=dtype, device=device, skip=skip)
+def _from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", skip=None, **kwargs) -> WanModel:
+    """Load an official Wan checkpoint or a diffusers WanTransformer3DModel directory (load_wan; kwargs:
+    weights, quant, work_device)."""
+    return load_wan(path, dtype=dtype, device=device, skip=skip, **kwargs)
 
 
 def _save_pretrained(self, path, layout: str = "official", max_shard_bytes: int | None = None) -> None:

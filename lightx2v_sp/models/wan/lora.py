@@ -5,7 +5,8 @@ some files also carry full differences (`.diff` for a weight or any named tensor
 bias, `.diff_m` for a block's or the head's modulation table) and PEFT's `lora_B.bias`. Every update
 must have exactly the shape of the tensor it lands on (a transposed difference is an error, not a
 silent merge). Merging happens once, at load, in fp32 and is then rounded to the parameter's
-dtype, so a sampling step costs nothing extra and every later layout (Ulysses, CFG-parallel,
+dtype (an fp8 layer, model.quant=fp8: its dequantized weight plus the update is quantized again with
+fresh per-output-channel scales), so a sampling step costs nothing extra and every later layout (Ulysses, CFG-parallel,
 block offload) sees ordinary weights.
 
 Key layouts (any leading `transformer.`, `diffusion_model.`, `model.diffusion_model.` or
@@ -44,6 +45,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from safetensors import safe_open
 
+from ..quant import owner_of
 from .keymap import native_pieces
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
@@ -310,10 +312,15 @@ def merge_lora(model, entries: Sequence[LoraEntry], device: Optional[torch.devic
         if skip is not None and skip(name):
             continue
         p = params[name]
-        work = p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
+        fp8 = owner_of(model, name)  # an fp8 layer: merge into its dequantized weight, then quantize again
+        work = fp8.dequantized(torch.float32, device or p.device) if fp8 is not None else \
+            p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
         for start, rows, delta in pieces:
             work.narrow(0, start, rows).add_(delta.value(work.device))
-        p.copy_(work.to(p.dtype))
+        if fp8 is not None:
+            fp8.set_weight(work)  # fresh per-row scales
+        else:
+            p.copy_(work.to(p.dtype))
     return summary
 
 

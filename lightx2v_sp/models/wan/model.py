@@ -188,7 +188,8 @@ class FeedForward(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, act, fc2 = self
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and fc1.bias is not None:
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and fc1.bias is not None \
+                and fc1.weight.dtype == x.dtype:  # a weight in the compute dtype (not an installed fp8 layer)
             h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
             return fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return fc2(act(fc1(x)))
