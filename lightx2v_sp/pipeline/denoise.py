@@ -47,15 +47,20 @@ def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: s
 
 def _blocks_from_local_rank0(cfg, device: torch.device, dtype: torch.dtype) -> bool:
     from lightx2v_sp.offload.shared_host import _shm_free_bytes, local_layout
-    from lightx2v_sp.plan import dit_numel, model_shapes
 
     local_rank, local_world = local_layout()
     if not (cfg.offload.share_host and local_world > 1 and local_rank != 0 and device.type == "cuda"
             and torch.cuda.is_available()):
         return False
     # NodeSharedHost falls back to private copies when /dev/shm is too small; then this rank needs its own
-    needed = dit_numel(model_shapes(cfg.model).dit)["blocks"] * torch.empty(0, dtype=dtype).element_size()
-    return _shm_free_bytes() >= needed
+    return _shm_free_bytes() >= shared_blocks_bytes(cfg, dtype)
+
+
+def shared_blocks_bytes(cfg, dtype: torch.dtype) -> int:
+    """Host bytes of the node's shared copy of the DiT blocks: what /dev/shm must hold."""
+    from lightx2v_sp.plan import dit_numel, model_shapes
+
+    return dit_numel(model_shapes(cfg.model).dit)["blocks"] * torch.empty(0, dtype=dtype).element_size()
 
 
 def install_parallel(model: WanModel, cfg, dims, device: torch.device, transport=None):

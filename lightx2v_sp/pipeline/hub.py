@@ -41,6 +41,11 @@ COMPONENT_PATTERNS = {
     "vae": ("config.json", "diffusion_pytorch_model*.safetensors*", "*VAE*.pth"),
 }
 
+# What the memory plan and the dry run read (configs_only): every config file of both layouts, no weights
+# (fnmatch: `*` also matches `/`, so these reach config.json in every subfolder).
+CONFIG_PATTERNS = ("model_index.json", "*config.json")
+COMPONENT_CONFIG_PATTERNS = {"text_encoder": ("config.json",), "tokenizer": ("*config.json",), "vae": ("config.json",)}
+
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
 _REPO_ID = re.compile(rf"^({_NAME}/{_NAME})(/[^\s]+)?$")
 
@@ -154,20 +159,23 @@ def resolve_repo(repo_id: str, revision: Optional[str] = None,
 
 
 def resolve_path(value: Optional[str], what: str, revision: Optional[str] = None,
-                 main_repo: Optional[str] = None) -> Optional[str]:
+                 main_repo: Optional[str] = None, configs_only: bool = False) -> Optional[str]:
     """`value` itself, or the local directory of the repo id (+ subfolder) it names.
 
     `what`: "model" (the whole model: ALLOW_PATTERNS) or a key of COMPONENT_PATTERNS. `revision`
-    applies to the model's own repo, and to a component taken from that same repo.
+    applies to the model's own repo, and to a component taken from that same repo. `configs_only`:
+    fetch only the config files (CONFIG_PATTERNS), for what needs shapes and no weights.
     """
     parsed = split_repo_id(value, allow_subfolder=what != "model") if value is not None else None
     if parsed is None:
         return value
     repo_id, sub = parsed
     if sub:
-        patterns: Sequence[str] = (sub, f"{sub}/*")
+        patterns: Sequence[str] = (f"{sub}/*config.json",) if configs_only else (sub, f"{sub}/*")
+    elif what == "model":
+        patterns = CONFIG_PATTERNS if configs_only else ALLOW_PATTERNS
     else:
-        patterns = ALLOW_PATTERNS if what == "model" else COMPONENT_PATTERNS[what]
+        patterns = (COMPONENT_CONFIG_PATTERNS if configs_only else COMPONENT_PATTERNS)[what]
     rev = revision if what == "model" or repo_id == main_repo else None
     root = resolve_repo(repo_id, rev, patterns)
     return os.path.join(root, sub) if sub else root

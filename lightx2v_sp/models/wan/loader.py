@@ -31,8 +31,17 @@ def _list_error(what: str, keys: list[str], limit: int = 20) -> str:
     return f"{len(keys)} {what}: {shown}{more}"
 
 
-def resolve_checkpoint(path) -> tuple[Path, str, dict, list[Path]]:
-    """(directory, layout, config dict, safetensors files) of a Wan DiT checkpoint directory."""
+def read_config(path) -> tuple[Path, str, WanConfig]:
+    """(directory, layout, WanConfig) of a Wan DiT checkpoint directory, from its config.json alone."""
+    root, layout, cfg = _read_config(path)
+    return root, layout, _wan_config(cfg, layout)
+
+
+def _wan_config(cfg: dict, layout: str) -> WanConfig:
+    return WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
+
+
+def _read_config(path) -> tuple[Path, str, dict]:
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"Wan checkpoint {str(root)!r} is not a directory; expected a folder with config.json "
@@ -52,6 +61,12 @@ def resolve_checkpoint(path) -> tuple[Path, str, dict, list[Path]]:
     else:
         raise ValueError(f"{root / 'config.json'} is neither an official Wan2.1 config (dim, num_heads, ...) nor a "
                          f"diffusers WanTransformer3DModel config; keys: {sorted(cfg)}")
+    return root, layout, cfg
+
+
+def resolve_checkpoint(path) -> tuple[Path, str, dict, list[Path]]:
+    """(directory, layout, config dict, safetensors files) of a Wan DiT checkpoint directory."""
+    root, layout, cfg = _read_config(path)
     if (root / INDEX).is_file():
         weight_map = json.loads((root / INDEX).read_text())["weight_map"]
         files = [root / name for name in sorted(set(weight_map.values()))]
@@ -119,7 +134,7 @@ def _build(config: WanConfig, layout: str, shapes: dict[str, tuple], dtype: torc
 def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None) -> WanModel:
     """`skip(name)` True: that parameter is allocated but not read (another process supplies it)."""
     root, layout, cfg, files = resolve_checkpoint(path)
-    config = WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
+    config = _wan_config(cfg, layout)
     where, shapes, dtypes = _read_headers(files)
     if layout == "official" and "img_emb.proj.0.weight" in shapes and config.image_dim is None:
         # Wan2.1 I2V: the official config does not say how wide the CLIP tokens are; the weights do
