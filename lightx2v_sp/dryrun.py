@@ -58,42 +58,28 @@ class _Step:
             return fn(*args, **kwargs)
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from None
+        except (AssertionError, RuntimeError) as e:  # a shape check of the run's code, or a meta op's
+            raise ValueError(f"{what}: {type(e).__name__}: {e}") from None
 
     def ok(self, text: str) -> None:
         self.lines.append(f"  ok  {text}")
 
 
-def _shapes(cfg, paths, kind):
-    """What the memory plan knows about the model, as the run computes it before loading."""
-    from lightx2v_sp.plan import _at, model_shapes
-
-    return model_shapes(_at(cfg.model, paths.root))
-
-
-def _shared_blocks_bytes(cfg, shapes) -> int:
-    """What the runner's /dev/shm check counts for the node's shared host copy of the blocks."""
-    from lightx2v_sp.pipeline.denoise import shared_blocks_bytes
-
-    return shared_blocks_bytes(cfg, DTYPES[cfg.model.dtype])
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "") -> DryRunReport:
     """Every check of the module doc for `world` ranks against GPUs of `gpu_bytes`; a ValueError names
     the first one that fails. The report holds the printed lines and the plan's peaks per rank."""
-    from lightx2v_sp.distributed import split_sizes
     from lightx2v_sp.distributed.mesh import check_layout, resolve_ulysses_degree
-    from lightx2v_sp.models.wan.loader import read_config
     from lightx2v_sp.pipeline.image import open_image
     from lightx2v_sp.pipeline.kind import boundary_ratio, check_inputs, detect_kind
-    from lightx2v_sp.pipeline.latents import latent_shape
+    from lightx2v_sp.pipeline.experts import shared_copy_bytes
+    from lightx2v_sp.pipeline.geometry import video_geometry
     from lightx2v_sp.pipeline.loras import check_loras
     from lightx2v_sp.pipeline.output import check_video_writer
     from lightx2v_sp.pipeline.paths import model_paths_for
     from lightx2v_sp.pipeline.text import check_text_encoder_layout
-    from lightx2v_sp.plan import fits, plan_rank
+    from lightx2v_sp.plan import fits, plan_rank, shapes_of
+
+    from . import dryrun_meta as dm
 
     if world < 1:
         raise ValueError(f"--gpus {world} must be >= 1")
@@ -113,47 +99,46 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     step("the inputs", check_inputs, kind, cfg)
     if cfg.image is not None:
         step("the image", open_image, cfg.image)
-    configs = [step("the DiT config", read_config, d)[2] for d in kind.experts]
+    shapes = step("the model's configs", shapes_of, paths, kind)
+    configs = shapes.experts
     step.ok(f"model {cfg.model.path or 'tiny'} -> {paths.root} ({paths.dit_layout} layout): {kind.name}, "
             f"{len(configs)} expert(s) of {configs[0].num_layers} blocks, dim {configs[0].dim}, "
             f"{configs[0].num_heads} heads, VAE strides {kind.vae_strides}")
     step.ok(f"layout: cfg {par.cfg_degree} x ulysses {ulysses} = {world} rank(s), {configs[0].num_heads} heads "
             f"-> {configs[0].num_heads // ulysses} per rank")
 
-    # -- latents and tokens (the runner's latent shape)
-    latent = step("the latent shape", latent_shape, configs[0].out_dim, s.num_frames, s.height, s.width,
-                  *kind.vae_strides)
-    patch = configs[0].patch_size
-    grid = tuple(n // p for n, p in zip(latent[1:], patch))
-    tokens = grid[0] * grid[1] * grid[2]
-    sizes = split_sizes(tokens, ulysses)
-    step.ok(f"video {s.num_frames}x{s.height}x{s.width} -> latents {list(latent)} -> {tokens} tokens, per rank "
-            f"{sorted(set(sizes), reverse=True)}")
+    # -- latents and tokens (the runner's geometry)
+    geo = step("the latent shape", video_geometry, kind, configs[0], s)
+    latent, sizes = geo.latent, geo.tokens_per_rank(ulysses)
+    step.ok(f"video {s.num_frames}x{s.height}x{s.width} -> latents {list(latent)} -> tokens {list(geo.grid)} = "
+            f"{geo.tokens}, per rank {sorted(set(sizes), reverse=True)}")
 
     # -- the memory plan of every rank
-    shapes = step("the memory plan", _shapes, cfg, paths, kind)
     ranks = step("the memory plan", lambda: [plan_rank(cfg, shapes, world, r) for r in range(world)])
     report.gpu_peaks = [r.gpu_peak for r in ranks]
     report.host_peaks = [r.host_peak for r in ranks]
     report.fits = fits(ranks, gpu_bytes)
 
-    from . import dryrun_meta as dm
-
-    # -- text encoder on the prompt length (every prompt is cut or padded to text_len)
+    # -- text encoder on the prompt length (the tokenizer's, where its files are here; else text_len,
+    # the most the encoder sees: every prompt is cut or padded to it)
     te = cfg.text_encoder
     prompts = 2 if s.guidance_scale != 1.0 else 1
+    lengths = step("the tokenizer", _prompt_lengths, paths.tokenizer, [cfg.prompt, cfg.negative_prompt][:prompts],
+                   te.text_len)
     if te.parallel == "tp" and world > 1:
         from lightx2v_sp.models.t5 import T5Shard
 
         for r in range(world):
             step("the UMT5 tensor-parallel shard", T5Shard(r, world).check, shapes.t5)
-    context = step("the text encoder forward", dm.text_forward, shapes.t5, prompts, te.text_len)
+    encoded = max(lengths) if lengths else te.text_len  # replicate/tp skip the columns of padding only
+    context = step("the text encoder forward", dm.text_forward, shapes.t5, prompts, encoded)
     for c in configs:
         if context.shape[-1] != c.text_dim:
             raise ValueError(f"the text encoder gives {context.shape[-1]}-wide tokens, the DiT takes text_dim="
                              f"{c.text_dim}; they are not one model")
-    step.ok(f"text encoder ({te.parallel}, {te.device}): {prompts} prompt(s) x {te.text_len} tokens -> "
-            f"{list(context.shape)}")
+    measured = f"prompt tokens {lengths}" if lengths else "no tokenizer files here: text_len"
+    step.ok(f"text encoder ({te.parallel}, {te.device}): {prompts} prompt(s) x {encoded} tokens ({measured}) -> "
+            f"{list(context.shape)}, each padded to [1, {te.text_len}, {context.shape[-1]}] for the DiT")
 
     # -- LoRA keys against each expert's layers, at their shapes
     if cfg.lora:
@@ -165,7 +150,7 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
 
     # -- one DiT block per expert at each rank's token count
     x, timestep, image_context = _dit_inputs(cfg, kind, configs[0], latent)
-    ctx = dm.meta((1, te.text_len, context.shape[-1]), DTYPES[cfg.model.dtype])
+    ctx = dm.meta((1, te.text_len, context.shape[-1]), dm.DTYPES[cfg.model.dtype])
     seen = {}
     for i, c in enumerate(configs):
         for r in range(ulysses):
@@ -183,7 +168,7 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     # -- where the experts' weights are while denoising, measured, against the plan
     placed = step("the DiT placement", dm.observe_placement, configs, cfg, boundary_ratio(kind, s))
     if cfg.offload.dit == "block" and cfg.offload.share_host and min(world, 8) > 1:
-        counted = step("the shared host copy's size", _shared_blocks_bytes, cfg, shapes)
+        counted = step("the shared host copy's size", shared_copy_bytes, kind.experts, cfg)
         arenas = sum(placed["block_arenas"])
         if counted < arenas:
             raise ValueError(f"the /dev/shm check of offload.share_host counts {_gib(counted)} GiB, but the shared "
@@ -197,7 +182,7 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     for r in range(world):
         piece, rows = step(f"the VAE decode (rank {r})", dm.vae_decode, shapes.vae, cfg.vae, latent, world, r)
         frames = min(latent[1], dm.DECODE_FRAMES)
-        if piece is not None and (piece[2], piece[4]) != (1 + kind.vae_strides[0] * (frames - 1), s.width):
+        if piece is not None and (piece[2], piece[4]) != (1 + geo.strides[0] * (frames - 1), s.width):
             raise ValueError(f"the VAE decode of rank {r} gives {list(piece)}, the video is "
                              f"{s.num_frames}x{s.height}x{s.width}")
         if sum(rows) != s.height or (piece is not None and piece[3] != rows[r]):
@@ -205,8 +190,23 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     step.ok(f"VAE decode ({cfg.vae.dtype}, {cfg.vae.parallel}, tiling {cfg.vae.tiling}) of each rank's band, "
             f"{frames} of {latent[1]} latent frames at full size: pixel rows per rank {rows}")
 
-    report.lines += ["", *_stage_order(cfg, kind, world, len(configs)), "", _plan_lines(report, ranks, gpu_source)]
+    report.lines += ["", *_stage_order(cfg, kind, world, len(configs), rows), "",
+                     _plan_lines(report, ranks, gpu_source)]
     return report
+
+
+def _prompt_lengths(tokenizer_dir: str, prompts: list, text_len: int) -> Optional[list]:
+    """Tokens per prompt (at most text_len) where the tokenizer's vocabulary files are here; None where only
+    its config is (the configs-only cache)."""
+    from lightx2v_sp.models.t5 import load_tokenizer, tokenize
+    from lightx2v_sp.models.t5.tokenizer import WAN_TOKENIZER_SUBDIR
+
+    nested = os.path.join(tokenizer_dir, WAN_TOKENIZER_SUBDIR)
+    where = nested if os.path.isdir(nested) else tokenizer_dir
+    if not any(os.path.isfile(os.path.join(where, f)) for f in ("tokenizer.json", "spiece.model")):
+        return None
+    _, mask = tokenize(load_tokenizer(tokenizer_dir), prompts, text_len)
+    return [int(n) for n in mask.sum(dim=1)]
 
 
 def _dit_inputs(cfg, kind, config, latent):
@@ -293,7 +293,7 @@ def _check_placement(cfg, rank0, placed: dict, step: _Step, configs) -> None:
             f"{_gib(measured_host)} GiB pinned on the host, {placed['switches']} expert switch(es); the plan agrees")
 
 
-def _stage_order(cfg, kind, world: int, experts: int) -> list[str]:
+def _stage_order(cfg, kind, world: int, experts: int, rows: list) -> list[str]:
     """The run's stages in order, with where each component is."""
     from lightx2v_sp.pipeline.conditioning import needs_image_stage
     from lightx2v_sp.pipeline.decode import vae_on_every_rank
@@ -301,15 +301,16 @@ def _stage_order(cfg, kind, world: int, experts: int) -> list[str]:
     te, off = cfg.text_encoder, cfg.offload
     out = ["Stages (in order):",
            "  preflight  layout, model files, kind, inputs, LoRA files, memory plan against free memory",
-           f"  text       UMT5 {te.parallel if world > 1 else 'replicate'} on {te.device}, tokenizer on rank(s)",
+           f"  text       tokenizer, UMT5 {te.parallel if world > 1 else 'replicate'} "
+           f"(text_encoder.device={te.device}), then freed",
            f"  load       DiT x{experts} (offload.dit={off.dit}{', LoRA merged' if cfg.lora else ''}), VAE on "
-           f"{'every rank' if vae_on_every_rank(cfg.vae, world) else 'rank 0'}"]
+           f"{'every rank' if vae_on_every_rank(cfg.vae, world) else 'rank 0'} (on the host until used)"]
     if needs_image_stage(kind, cfg):
         clip = ", CLIP" if kind.image_encoder is not None else ""
         out.append(f"  image      rank 0 encodes the image (VAE{clip}), broadcasts the condition")
     out += [f"  denoise    {cfg.sample.steps} steps, cfg {cfg.parallel.cfg_degree} x ulysses "
             f"{world // cfg.parallel.cfg_degree}" + (", two experts" if experts == 2 else ""),
-            f"  decode     VAE {cfg.vae.dtype} ({off.vae}), {cfg.vae.parallel} over {world} rank(s), rank 0 gathers",
+            f"  decode     VAE {cfg.vae.dtype} (offload.vae={off.vae}): pixel rows per rank {rows}, rank 0 gathers",
             "  write      rank 0: mp4 + JSON summary"]
     return out
 
@@ -319,17 +320,51 @@ def _plan_lines(report: DryRunReport, ranks, gpu_source: str) -> str:
 
     worst = max(ranks, key=lambda r: r.gpu_peak)
     verdict = "fits" if report.fits else "does NOT fit"
-    return (f"Memory plan: GPU peak per rank {', '.join(_gib(p) for p in report.gpu_peaks)} GiB (rank {worst.rank}: "
+    peaks = sorted({_gib(p) for p in report.gpu_peaks}, key=float, reverse=True)
+    return (f"Memory plan: GPU peak per rank {' / '.join(peaks)} GiB (rank {worst.rank}: "
             f"{worst.peak_stage().stage}); host {_gib(max(report.host_peaks))} GiB per rank at most; "
             f"{verdict} {_gib(report.gpu_bytes)} GiB ({gpu_source or 'given'}; usable {USABLE:.0%})")
 
 
 def intended_world(cfg) -> int:
     """The ranks a config is laid out for: WORLD_SIZE under torchrun, else cfg_degree x ulysses_degree
-    (ulysses_degree 0, "all ranks": one rank per CFG group)."""
+    (ulysses_degree 0, "all ranks": 2 per CFG group, as the README's torchrun command runs it)."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    return cfg.parallel.cfg_degree * max(cfg.parallel.ulysses_degree, 1)
+    return cfg.parallel.cfg_degree * (cfg.parallel.ulysses_degree or 2)
+
+
+# the card a shipped config is written for, by the end of its name; the others are for 80 GB GPUs
+CARD_GIB = {"_4090x8.yaml": 24}
+DEFAULT_CARD_GIB = 80
+
+
+def card_gib(config_name: str) -> int:
+    return next((gib for end, gib in CARD_GIB.items() if config_name.endswith(end)), DEFAULT_CARD_GIB)
+
+
+def check_configs(config_paths, overrides=lambda name: []) -> list[tuple]:
+    """Dry-run each config at its intended world size against its card, in this process:
+    rows (config, world size, peak per rank GiB, card GiB, fits). A failing check raises, naming the config."""
+    from lightx2v_sp.config import load_config
+
+    rows = []
+    for path in config_paths:
+        name = os.path.basename(path)
+        cfg = load_config(path, list(overrides(name)))
+        card = card_gib(name)
+        try:
+            report = dry_run(cfg, intended_world(cfg), card * GIB, f"the card of {name}", name)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        rows.append((name, report.world, round(report.peak / GIB, 2), card, "yes" if report.fits else "NO"))
+    return rows
+
+
+def format_rows(rows) -> str:
+    lines = ["| config | world size | peak per rank GiB | card GiB | fits |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {n} | {w} | {p:.2f} | {c} | {f} |" for n, w, p, c, f in rows]
+    return "\n".join(lines)
 
 
 def main_dry_run(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float], name: str = "") -> tuple[str, bool]:

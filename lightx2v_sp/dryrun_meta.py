@@ -107,12 +107,18 @@ def dit_forward(config, dtype: str, x: torch.Tensor, timestep: torch.Tensor, con
                 image_context: Optional[torch.Tensor], sizes: list[int], rank: int,
                 backend: str = "sdpa") -> torch.Tensor:
     """The DiT (one block of `config`) on rank `rank` of a Ulysses group splitting the tokens `sizes`."""
-    model = meta_dit(config, dtype, num_layers=1)
-    model.set_attention_backend(backend)
-    if len(sizes) > 1:
-        _emulate_split(model, sizes, rank, backend)
     extra = () if image_context is None else (image_context,)
-    return model(x, timestep, context, *extra)
+    key = (repr(config), dtype, *(tuple(t.shape) for t in (x, timestep, context, *extra)), tuple(sizes), rank)
+    if key not in _FORWARDS:
+        model = meta_dit(config, dtype, num_layers=1)
+        model.set_attention_backend(backend)
+        if len(sizes) > 1:
+            _emulate_split(model, sizes, rank, backend)
+        _FORWARDS[key] = model(x, timestep, context, *extra)
+    return _FORWARDS[key]
+
+
+_FORWARDS: dict = {}  # a forward at the same shapes gives the same shapes: run each once per process
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,10 +129,13 @@ def text_forward(t5_config, num_prompts: int, tokens: int) -> torch.Tensor:
     """UMT5 on `num_prompts` prompts of `tokens` tokens: [n, L, d_model]."""
     from lightx2v_sp.models.t5.model import T5Encoder
 
-    with torch.device("meta"):
-        encoder = T5Encoder(t5_config).eval()
-    ids = torch.zeros((num_prompts, tokens), dtype=torch.long, device=META)
-    return encoder(ids, torch.ones_like(ids))
+    key = ("t5", repr(t5_config), num_prompts, tokens)
+    if key not in _FORWARDS:
+        with torch.device("meta"):
+            encoder = T5Encoder(t5_config).eval()
+        ids = torch.zeros((num_prompts, tokens), dtype=torch.long, device=META)
+        _FORWARDS[key] = encoder(ids, torch.ones_like(ids))
+    return _FORWARDS[key]
 
 
 _DECODES: dict = {}  # the same decode (VAE, latents, band windows) is not run twice in one process
@@ -155,6 +164,18 @@ def meta_vae(vae_kwargs: dict, dtype: str):
 DECODE_FRAMES = 2
 
 
+def _band_signature(vae, bands, height: int) -> tuple:
+    """What the decode of `bands` looks like to the decoder: the rows of every cropped window and where
+    the band sits in it. Two middle bands of one size decode through the same shapes."""
+    from lightx2v_sp.models.vae_rows import band_window, decoder_stages, unsupported_reason
+
+    if unsupported_reason(vae) is not None or bands == [(0, height)]:
+        return tuple(bands)
+    stages, _ = decoder_stages(vae.decoder)
+    return tuple((s.factor, lo, hi) if lo == 0 or hi == height * s.factor else (s.factor, hi - lo, a * s.factor - lo)
+                 for a, b in bands for s in stages for lo, hi in [band_window(a, b, height, s.factor, s.halo)])
+
+
 @torch.no_grad()
 def vae_decode(vae_kwargs: dict, vae_cfg, latent_shape, world: int, rank: int):
     """decode_rows (the runner's decode) of rank `rank` on meta latents [1, C, min(F, 2), H, W]:
@@ -166,7 +187,8 @@ def vae_decode(vae_kwargs: dict, vae_cfg, latent_shape, world: int, rank: int):
     height = latent_shape[-2]
     layout = _layout(wan_vae, vae_cfg, height, world)
     latents = meta((1, latent_shape[0], min(latent_shape[1], DECODE_FRAMES), *latent_shape[2:]))
-    key = (json.dumps(vae_kwargs, sort_keys=True), vae_cfg.dtype, tuple(latents.shape), tuple(layout[rank]))
+    key = (json.dumps(vae_kwargs, sort_keys=True), vae_cfg.dtype, tuple(latents.shape),
+           _band_signature(wan_vae.vae, layout[rank], height))
     if key not in _DECODES:
         piece, _ = decode_rows(wan_vae, latents, META, vae_cfg, "gpu", world, rank)
         _DECODES[key] = None if piece is None else tuple(piece.shape)
@@ -246,13 +268,13 @@ def observe_placement(configs, cfg, boundary_ratio: Optional[float]) -> dict:
     handles = experts.block_offloads
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift, timesteps=s.timesteps)
-    peak, ran = 0, set()
+    peak, active = 0, None
     for t in scheduler.timesteps:
         dit, _ = experts.select(t)
-        if id(dit) not in ran:
-            ran.add(id(dit))
+        if dit is not active:  # a switch (or the first step): what is placed changes only here
+            active = dit
             dit.blocks[0](*_tiny_block_inputs(dit.config, cfg.model.dtype))
-        peak = max(peak, device_bytes(models, handles, transport))
+            peak = max(peak, device_bytes(models, handles, transport))
     experts.release()
     arenas = [h.block_nbytes * len(h.blocks) for h in handles if hasattr(h, "block_nbytes")]
     return {"device_peak": peak, "host_pinned": transport.host_bytes(), "block_arenas": arenas,
