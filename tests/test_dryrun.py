@@ -76,18 +76,18 @@ def test_cli_dry_run_prints_checks_and_plan(capsys):
 # --- issue 28.1: the plan takes every stride from the model's kind -------------------------------
 
 def test_ti2v_plan_uses_the_kinds_strides():
-    from lightx2v_sp.pipeline.geometry import video_geometry
-
     cfg = _cfg("wan22_ti2v_5b_720p.yaml")
     shapes, ranks = make_plan(cfg, 1)
-    geo = video_geometry(shapes.kind, shapes.dit, cfg.sample)
-    assert geo.strides == (4, 16) and geo.latent == (48, 31, 44, 80) and geo.tokens == 31 * 22 * 40
-    dit = shapes.dit
-    assert _denoise(ranks[0]).gpu["DiT activations"] == int(geo.tokens * (7.2 * dit.dim + 1.62 * dit.ffn_dim) * 2)
     decode = next(s for s in ranks[0].stages if s.stage == "decode")
     assert decode.gpu["video rows"] == 3 * 121 * 704 * 1280 * 4  # the video's own pixels (today: 4x)
     assert ranks[0].gpu_peak < USABLE * 80 * GIB  # today 131.79 GiB: refused on any GPU
     assert 30 * GIB < ranks[0].gpu_peak < 40 * GIB  # the Wan2.1-calibrated whole-frame estimate at 704x1280x121
+    from lightx2v_sp.pipeline.geometry import video_geometry
+
+    geo = video_geometry(shapes.kind, shapes.dit, cfg.sample)
+    assert geo.strides == (4, 16) and geo.latent == (48, 31, 44, 80) and geo.tokens == 31 * 22 * 40
+    dit = shapes.dit
+    assert _denoise(ranks[0]).gpu["DiT activations"] == int(geo.tokens * (7.2 * dit.dim + 1.62 * dit.ffn_dim) * 2)
 
 
 # --- issue 28.2: two-expert models are planned with both DiTs -----------------------------------
@@ -95,10 +95,10 @@ def test_ti2v_plan_uses_the_kinds_strides():
 @pytest.mark.parametrize("path", [None, "Wan-AI/Wan2.2-T2V-A14B-Diffusers"])  # official and diffusers layouts
 def test_two_experts_are_planned_with_both(path):
     extra = [f"model.path={path}"] if path else []
-    one = dit_bytes(make_plan(_cfg("wan22_t2v_a14b_720p_8gpu.yaml", *extra), 8)[0].dit, "bf16")
-    _, resident = make_plan(_cfg("wan22_t2v_a14b_720p_8gpu.yaml", *extra), 8)
-    assert _denoise(resident[0]).gpu["DiT (2 experts)"] == 2 * one["resident"]  # 2 x 26.6 GiB
+    shapes, resident = make_plan(_cfg("wan22_t2v_a14b_720p_8gpu.yaml", *extra), 8)
     assert not fits(resident, 48 * GIB) and fits(resident, 80 * GIB)  # today it "fits" 48 GB at 28.7 GiB
+    one = dit_bytes(shapes.dit, "bf16")
+    assert _denoise(resident[0]).gpu["DiT (2 experts)"] == 2 * one["resident"]  # 2 x 26.6 GiB
     _, block = make_plan(_cfg("wan22_t2v_a14b_720p_8gpu.yaml", "offload.dit=block", "offload.share_host=false",
                               *extra), 8)
     assert _denoise(block[0]).host["DiT blocks, pinned (2 experts)"] == 2 * one["blocks"]
