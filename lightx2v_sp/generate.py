@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 -m lightx2v_sp.generate --config configs/wan_t2v_tiny.yaml parallel.ulysses_degree=2
     python -m lightx2v_sp.generate --config X --help-config   # every key, the value the run would use, its doc
     python -m lightx2v_sp.generate --config X --plan [--gpus N] [--gpu-memory GiB]   # memory plan, no loading
+    python -m lightx2v_sp.generate --config X --dry-run [--gpus N] [--gpu-memory GiB]  # real shapes, no weights
 
 The same command runs as one process or under torchrun (one node or several). User errors
 (bad key or value, a layout that does not fit, a missing model, an unwritable output) print one
@@ -11,6 +12,8 @@ The same command runs as one process or under torchrun (one node or several). Us
 peer (dead or stopped rank) is one `[rank r] error: lost a peer rank ...` line and status 1;
 SIGTERM / SIGINT remove the temporary file and exit with 128 + the signal number.
 `--plan` prints the memory plan (lightx2v_sp/plan.py) and exits 0 when every rank fits, 3 when not.
+`--dry-run` runs everything up to reading weights at the checkpoint's real shapes on the meta device
+(lightx2v_sp/dryrun.py): the same exit codes, one `error:` line for the first check that fails.
 """
 from __future__ import annotations
 
@@ -51,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="list every config key with the value this --config and these overrides give it, and exit")
     p.add_argument("--plan", action="store_true",
                    help="print the memory plan per rank and stage (no weights loaded) and whether it fits; exit")
-    p.add_argument("--gpus", type=int, default=None, help="ranks the plan assumes (default: WORLD_SIZE or 1)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything a run does up to reading weights, at the model's real shapes on the meta "
+                        "device (configs only, no GPU), print what was checked and the memory plan; exit")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="ranks the plan and the dry run assume (default: WORLD_SIZE or 1)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
                    help="GPU memory per rank the plan checks against (default: free memory of this GPU, "
                         "else 24 GiB)")
@@ -125,6 +132,20 @@ def main(argv=None) -> int:
         if rank == 0:
             print(text)
         return 0 if ok else EXIT_DOES_NOT_FIT
+
+    if args.dry_run:
+        from lightx2v_sp.dryrun import main_dry_run
+
+        try:
+            text, ok = main_dry_run(cfg, args.gpus, args.gpu_memory, name=os.path.basename(path))
+        except ValueError as e:
+            return _fail(f"error: {e}", EXIT_USER_ERROR, hard=False) if rank == 0 else EXIT_USER_ERROR
+        if rank == 0:
+            print(text)
+        if not ok:
+            return _fail("error: a rank does not fit the GPU memory (the plan above); python -m lightx2v_sp.generate "
+                         "--plan shows what to change", EXIT_DOES_NOT_FIT, hard=False)
+        return 0
 
     from lightx2v_sp.distributed.peer_lost import PeerLostError, is_peer_lost
     from lightx2v_sp.pipeline import AgreedError, run

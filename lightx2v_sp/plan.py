@@ -2,8 +2,10 @@
 
     python -m lightx2v_sp.generate --config X --plan [--gpus N] [--gpu-memory GiB]
 
-Weights are counted exactly (the modules are built on the meta device from the checkpoint's
-config, or from the named Wan2.1 configs when the checkpoint is not on this machine).
+Weights are counted exactly: every expert's modules are built on the meta device from the
+checkpoint's own config files (plan_sizes.shapes_of; a repo id not in the cache fetches only those),
+in the run's dtype, and placed as offload.dit places them. Latents and tokens come from
+pipeline/geometry.py, the one function the runner uses too (the VAE strides of the model's kind).
 Activations and the VAE decode are formulas calibrated on one H100 (BENCHMARKS.md, issue 12):
 
 - DiT forward, bf16, per token held by the rank: (7.2 dim + 1.62 ffn_dim) values. Fitted to the
@@ -24,10 +26,10 @@ from typing import Optional
 
 import torch
 
-from .plan_sizes import (DTYPE_BYTES, GIB, Shapes, _meta_vae, _numel, _t5_numel, dit_numel,  # noqa: F401
-                         model_shapes, vae_decode_bytes)
+from .plan_sizes import (DTYPE_BYTES, GIB, Shapes, _meta_vae, _numel, _t5_numel, dit_bytes, dit_numel,  # noqa: F401
+                         model_shapes, shapes_of, shared_blocks_bytes, vae_decode_bytes)
 
-from .models.quant import dit_block_bytes_per_param, t5_bytes_per_param
+from .models.quant import t5_bytes_per_param
 
 log = logging.getLogger("lightx2v_sp")
 
@@ -77,16 +79,17 @@ class RankPlan:
 def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     from lightx2v_sp.distributed import split_sizes
     from lightx2v_sp.distributed.mesh import resolve_ulysses_degree
-    from lightx2v_sp.pipeline.decode import row_bands
-    from lightx2v_sp.pipeline.latents import latent_shape
+    from lightx2v_sp.models.vae_rows import unsupported_reason
+    from lightx2v_sp.pipeline.decode import band_layout
+    from lightx2v_sp.pipeline.geometry import video_geometry
 
     s = cfg.sample
     mb = DTYPE_BYTES[cfg.model.dtype]
     dit = shapes.dit
-    _, frames, lat_h, lat_w = latent_shape(dit.in_dim, s.num_frames, s.height, s.width)
+    geo = video_geometry(shapes.kind, dit, s)  # the runner's latents and tokens
+    _, _, lat_h, lat_w = geo.latent
     ulysses = resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree)
-    tokens = frames * (lat_h // dit.patch_size[1]) * (lat_w // dit.patch_size[2])
-    local_tokens = split_sizes(tokens, ulysses)[rank % ulysses]
+    local_tokens = geo.tokens_per_rank(ulysses)[rank % ulysses]
 
     # text: the encoder on the GPU (gpu/swap) or the host (cpu) for this stage only
     te = cfg.text_encoder
@@ -105,19 +108,23 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     if te.device in ("cpu", "swap"):
         text.host["text encoder"] = t5_bytes
 
-    # denoise: DiT weights resident or two blocks streamed from pinned host memory
-    n = dit_numel(dit)
-    bb = dit_block_bytes_per_param(dit, mb, getattr(cfg.model, "quant", None))  # model.quant=fp8: ~1 byte
+    # denoise: every expert's weights where offload.dit puts them (pipeline/experts.py)
+    sizes = [dit_bytes(c, cfg.model.dtype, getattr(cfg.model, "quant", None)) for c in shapes.experts]
+    experts = f" ({len(sizes)} experts)" if len(sizes) > 1 else ""
     den = StagePlan("denoise")
-    if cfg.offload.dit == "block":
-        den.gpu["DiT (non-block + 2 blocks)"] = int(n["other"] * mb + 2 * n["block"] * bb)
+    if cfg.offload.dit == "block":  # every expert's non-block part resident, two blocks of the active one
+        den.gpu["DiT (non-block + 2 blocks)" + experts] = sum(b["other"] for b in sizes) + 2 * max(
+            b["block"] for b in sizes)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) or 1
         if cfg.offload.share_host and local > 1 and rank % local:
             den.host["DiT blocks (local rank 0's pinned copy)"] = 0
         else:  # one copy per node (share_host), else one per rank
-            den.host["DiT blocks, pinned"] = int(n["blocks"] * bb)
+            den.host["DiT blocks, pinned" + experts] = sum(b["blocks"] for b in sizes)
+    elif cfg.offload.dit == "swap":  # the active expert on the GPU, every expert pinned on the host
+        den.gpu["DiT (active expert)"] = max(b["resident"] for b in sizes)
+        den.host["DiT, pinned" + experts] = sum(b["resident"] for b in sizes)
     else:
-        den.gpu["DiT"] = int(n["other"] * mb + n["blocks"] * bb)
+        den.gpu["DiT" + experts] = sum(b["resident"] for b in sizes)
     den.gpu["DiT activations"] = int(local_tokens * (DIT_ACT_DIM * dit.dim + DIT_ACT_FFN * dit.ffn_dim) * mb)
     if cfg.cache.method != "none":
         from lightx2v_sp.pipeline.cache.policy import residual_bytes
@@ -126,14 +133,11 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
 
     # decode: this rank's bands (pipeline/decode.py's layout)
     vb = DTYPE_BYTES[cfg.vae.dtype]
-    split = cfg.vae.parallel == "split" and world > 1
-    layout = row_bands(lat_h, world if split else 1, cfg.vae.tiling)
-    if not split:
-        layout += [[] for _ in range(world - 1)]
+    layout = band_layout(unsupported_reason(_meta_vae(shapes.vae)), cfg.vae, lat_h, world)
     receive = 0
-    if rank == 0 and split:
-        receive = max((8 * sum(b - a for a, b in bands) for bands in layout[1:]), default=0)
-    vae = vae_decode_bytes(shapes.vae, (lat_h, lat_w), s.num_frames, vb, layout[rank], receive)
+    if rank == 0 and world > 1:
+        receive = max((geo.strides[1] * sum(b - a for a, b in bands) for bands in layout[1:]), default=0)
+    vae = vae_decode_bytes(shapes.vae, (lat_h, lat_w), s.num_frames, vb, layout[rank], receive, geo.strides[1])
     dec = StagePlan("decode")
     on_gpu = cfg.offload.vae != "cpu"
     if layout[rank] and on_gpu:
@@ -147,13 +151,14 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
             st.host["VAE"] = vae_host  # loaded on the host, moved to the GPU for the decode
     if rank == 0:
         dec.host["video (fp32)"] = 3 * s.num_frames * s.height * s.width * 4
-    if den.host.get("DiT blocks, pinned"):
-        dec.host["DiT blocks, pinned"] = 0  # released before the decode
+    for key in den.host:
+        if key.startswith("DiT"):
+            dec.host[key] = 0  # released before the decode
     return RankPlan(rank, [text, den, dec])
 
 
-def make_plan(cfg, world: int) -> tuple[Shapes, list[RankPlan]]:
-    shapes = model_shapes(cfg.model)
+def make_plan(cfg, world: int, shapes: Optional[Shapes] = None) -> tuple[Shapes, list[RankPlan]]:
+    shapes = shapes or model_shapes(cfg.model)
     return shapes, [plan_rank(cfg, shapes, world, r) for r in range(world)]
 
 
@@ -255,28 +260,18 @@ def format_plan(cfg, shapes: Shapes, ranks: list[RankPlan], gpu_bytes: int, gpu_
     return "\n".join(lines)
 
 
-def _at(model_cfg, root: Optional[str]):
-    """`model_cfg` with its path replaced by the resolved local directory `root` (when both exist)."""
-    if root is None or model_cfg.path is None:
-        return model_cfg
-    import copy
-
-    model_cfg = copy.copy(model_cfg)
-    model_cfg.path = root
-    return model_cfg
-
-
-def check_before_loading(cfg, device: torch.device, world: int, rank: int, root: Optional[str] = None) -> None:
+def check_before_loading(cfg, device: torch.device, world: int, rank: int, shapes: Optional[Shapes] = None) -> None:
     """Raise ValueError when this rank's planned peak exceeds the device's free memory (CUDA only).
 
-    `root`: the model directory the run resolved (a hub id's local snapshot, say). A model whose
-    size the plan cannot read is not checked: the plan advises, it never blocks a run it cannot size.
+    `shapes`: what the run read from the checkpoint it resolved (plan_sizes.shapes_of); without them
+    they are read here. A model whose size the plan cannot read is not checked: the plan advises, it
+    never blocks a run it cannot size.
     """
     if device.type != "cuda" or not torch.cuda.is_available() or not getattr(cfg, "memory_check", True):
         return
     free, _ = torch.cuda.mem_get_info(device)
     try:
-        shapes = model_shapes(_at(cfg.model, root))
+        shapes = shapes or model_shapes(cfg.model)
     except ValueError as e:
         log.info("memory plan skipped: %s", e)
         return
@@ -303,7 +298,7 @@ def gpu_memory_default(gpu_memory_gib: Optional[float]) -> tuple[int, str]:
 
 def main_plan(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float]) -> tuple[str, bool]:
     """The printed plan and whether it fits (the CLI's --plan)."""
-    world = gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    world = gpus if gpus is not None else int(os.environ.get("WORLD_SIZE", "1"))  # --gpus 0 is no "unset"
     if world < 1:
         raise ValueError(f"--gpus {world} must be >= 1")
     from lightx2v_sp.distributed.mesh import check_layout, resolve_ulysses_degree
@@ -316,10 +311,10 @@ def main_plan(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float]) -> tupl
     return format_plan(cfg, shapes, ranks, gpu_bytes, source), fits(ranks, gpu_bytes)
 
 
-def plan_summary(cfg, world: int, rank: int = 0, root: Optional[str] = None) -> dict:
+def plan_summary(cfg, world: int, rank: int = 0, shapes: Optional[Shapes] = None) -> dict:
     """The plan's GPU bytes per stage of `rank`, for the run summary next to the measured peaks."""
     try:
-        mine = plan_rank(cfg, model_shapes(_at(cfg.model, root)), world, rank)
+        mine = plan_rank(cfg, shapes or model_shapes(cfg.model), world, rank)
     except ValueError as e:
         return {"note": f"no plan: {e}"}
     return {"note": f"lightx2v_sp.plan estimate for rank {rank}; compare with peak_memory_bytes",

@@ -30,52 +30,56 @@ class Shapes:
     """What the plan needs to know about the checkpoint."""
 
     name: str
-    dit: object            # WanConfig
+    dit: object            # WanConfig (of the first expert)
     t5: object             # T5Config
     vae: dict              # AutoencoderKLWan kwargs
+    kind: object = None    # pipeline.kind.ModelKind: the VAE strides, the experts
+    experts: list = None   # WanConfig of every expert (two for Wan2.2 A14B)
+
+    def __post_init__(self):
+        if self.experts is None:
+            self.experts = [self.dit]
 
 
 # ------------------------------------------------------------------------------------------------
 # shapes
 
 def model_shapes(model_cfg) -> Shapes:
-    """Configs of the DiT, UMT5 and VAE that `model` names, read without loading any weight."""
+    """The shapes of the model `model_cfg` names, from its config files alone (a repo id fetches only
+    those): the same paths and kind detection as the run, no guessing from a name."""
+    from lightx2v_sp.pipeline.kind import detect_kind
+    from lightx2v_sp.pipeline.paths import model_paths_for
+
+    paths = model_paths_for(model_cfg, weights=False)
+    return shapes_of(paths, detect_kind(paths))
+
+
+def shapes_of(paths, kind) -> Shapes:
+    """Configs of the DiT expert(s), UMT5 and VAE at resolved `paths`, read without loading any weight."""
     from lightx2v_sp.models.t5.model import T5Config
-    from lightx2v_sp.models.wan import WanConfig
+    from lightx2v_sp.models.wan.loader import read_config
 
-    if model_cfg.path is None:
-        from lightx2v_sp.models.tiny import TINY_T5, TINY_VAE, TINY_WAN
-
-        return Shapes("tiny (embedded)", WanConfig(**TINY_WAN), T5Config(**TINY_T5), dict(TINY_VAE))
-    root = os.path.expanduser(model_cfg.path)
-    t5, vae = T5Config.umt5_xxl(), {}  # what Wan2.1 ships (the official .pth has no config to read)
-    te_dir = model_cfg.text_encoder_path or os.path.join(root, "text_encoder")
-    te_json = read_json(os.path.join(te_dir, "config.json")) if os.path.isdir(te_dir) else None
+    experts = [read_config(d)[2] for d in kind.experts]
+    t5 = T5Config.umt5_xxl()  # what Wan ships (the official .pth has no config to read)
+    te_json = read_json(os.path.join(paths.text_encoder, "config.json")) if os.path.isdir(paths.text_encoder) else None
     if te_json and "d_model" in te_json:
         from lightx2v_sp.models.t5.loader import config_from_hf
 
-        t5 = config_from_hf(te_json, os.path.join(te_dir, "config.json"))
-    vae_dir = model_cfg.vae_path or os.path.join(root, "vae")
-    vae_json = read_json(os.path.join(vae_dir, "config.json")) if os.path.isdir(vae_dir) else None
+        t5 = config_from_hf(te_json, os.path.join(paths.text_encoder, "config.json"))
+    vae = {}  # the official Wan2.1_VAE.pth: diffusers' defaults are its config
+    vae_json = read_json(os.path.join(paths.vae, "config.json")) if os.path.isdir(paths.vae) else None
     if vae_json:
-        import inspect
+        vae = {k: v for k, v in vae_json.items() if k in _vae_parameters()}
+    return Shapes(f"{kind.name} at {paths.root}", experts[0], t5, vae, kind, experts)
 
-        from diffusers import AutoencoderKLWan
 
-        known = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
-        vae = {k: v for k, v in vae_json.items() if k in known}
-    official = read_json(os.path.join(root, "config.json"))
-    if official and "dim" in official:
-        return Shapes(root, WanConfig.from_official(official), t5, vae)
-    diffusers = read_json(os.path.join(root, "transformer", "config.json"))
-    if diffusers:
-        return Shapes(root, WanConfig.from_diffusers(diffusers), t5, vae)
-    base = os.path.basename(os.path.normpath(root)).lower()
-    for tag, make in (("14b", WanConfig.t2v_14b), ("1.3b", WanConfig.t2v_1_3b)):
-        if tag in base:
-            return Shapes(f"{root} (not on this machine: the named Wan2.1 {tag.upper()} config)", make(), t5, vae)
-    raise ValueError(f"model.path {root} holds no DiT config.json (official or transformer/) and its name "
-                     "says neither 14B nor 1.3B; the plan cannot know the model's size")
+@functools.lru_cache(maxsize=1)
+def _vae_parameters() -> frozenset:
+    import inspect
+
+    from diffusers import AutoencoderKLWan
+
+    return frozenset(inspect.signature(AutoencoderKLWan.__init__).parameters)
 
 
 def _numel(module) -> int:
@@ -96,6 +100,36 @@ def dit_numel(dit_cfg) -> dict:
 
 
 _COUNTS: dict = {}  # meta-device parameter counts by config (a 14B model takes a second to build)
+
+
+def dit_bytes(dit_cfg, dtype: str, quant: str | None = None) -> dict:
+    """Bytes of one DiT in the run's dtype (the time embedding and modulation stay fp32, as loaded;
+    model.quant=fp8: the block linears as e4m3 + one fp32 scale per row, as loaded):
+    'resident' all of it, 'other' all but the blocks, 'block' one block and 'blocks' all blocks as
+    block offload lays them out in host memory (offload/layout.py: aligned views of one buffer)."""
+    from lightx2v_sp.models.quant import DIT_LINEARS, quantize_linears
+    from lightx2v_sp.models.wan import WanModel
+    from lightx2v_sp.offload.layout import TensorLayout
+
+    key = (repr(dit_cfg), dtype, quant)
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            model = WanModel(dit_cfg)
+        model.set_dtype({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+        if quant == "fp8":
+            with torch.device("meta"):
+                quantize_linears(model, DIT_LINEARS)
+        raw = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        in_blocks = sum(t.numel() * t.element_size() for t in model.blocks.parameters())
+        block = TensorLayout(model.blocks[0]).nbytes
+        _COUNTS[key] = {"resident": raw, "other": raw - in_blocks, "block": block, "blocks": block * len(model.blocks)}
+    return dict(_COUNTS[key])
+
+
+def shared_blocks_bytes(experts: list, dtype: str, quant: str | None = None) -> int:
+    """Host bytes of the blocks of every expert (WanConfigs) under offload.dit=block: what the node's
+    shared host copies (one arena per expert, offload/shared_host.py) hold together in /dev/shm."""
+    return sum(dit_bytes(c, dtype, quant)["blocks"] for c in experts)
 
 
 def _meta_vae(vae_kwargs: dict):
@@ -160,12 +194,13 @@ def _transient_per_px() -> float:
 
 
 def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: int, dtype_bytes: int,
-                     bands: list[tuple[int, int]], receive_rows: int = 0) -> dict:
+                     bands: list[tuple[int, int]], receive_rows: int = 0, spatial_stride: int = 8) -> dict:
     """GPU bytes of one rank's decode: {'weights', 'caches', 'activations', 'video'}.
 
     `bands`: the latent row bands the rank decodes one after another ([] = none; one band
     (0, H) = the whole frame); `receive_rows`: pixel rows of the largest piece rank 0 receives
-    from another rank while gathering (its receive buffer, on the device).
+    from another rank while gathering (its receive buffer, on the device); `spatial_stride`: pixels
+    per latent row and column (the kind's, pipeline/geometry.py).
     """
     from lightx2v_sp.models.vae_rows import band_window, decoder_stages, unsupported_reason
 
@@ -178,7 +213,7 @@ def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: i
         # a VAE the row model does not describe (Wan2.2: patchified output) decodes whole on rank 0:
         # scale Wan2.1's measured whole-frame peak by output pixels and frames (an estimate)
         c = VAE_CALIBRATION
-        stride = 8 * (getattr(vae.config, "patch_size", None) or 1)
+        stride = spatial_stride  # the kind's (Wan2.2's VAE: 16), so the pixels are the video's own
         scale = (height * stride * width * stride) / (c["height"] * c["width"]) * num_frames / c["frames"]
         return {"weights": weights, "caches": 0, "video": int(3 * num_frames * height * width * stride**2 * dtype_bytes),
                 "activations": int(c["peak_bytes"] / c["dtype_bytes"] * dtype_bytes * scale)}

@@ -244,10 +244,10 @@ def test_official_i2v_repo_is_refused_before_its_weights_are_fetched(tmp_path, m
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ValueError, match="official-layout Wan2.1 I2V model"):
         model_paths_for(ModelConfig(path="org/i2v"))
-    assert [c["allow_patterns"] for c in calls] == [list(hub.CONFIG_PATTERNS)]
+    assert [c["allow_patterns"] for c in calls] == [list(hub.PRECHECK_PATTERNS)]
     calls.clear()
     with pytest.raises(ValueError, match="is incomplete"):  # the fake hub has no weights: fetched, then missed
         model_paths_for(ModelConfig(path="org/t2v", revision="v1"))
     assert [(c["revision"], c["allow_patterns"]) for c in calls] == [
-        ("v1", list(hub.CONFIG_PATTERNS)), ("f" * 40, list(hub.ALLOW_PATTERNS))]
+        ("v1", list(hub.PRECHECK_PATTERNS)), ("f" * 40, list(hub.ALLOW_PATTERNS))]
     assert not any(p.startswith(("models_clip", "xlm-roberta")) or "Wan2.2_VAE" in p for p in hub.ALLOW_PATTERNS)

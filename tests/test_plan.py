@@ -13,6 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
+@pytest.fixture(autouse=True)
+def _real_configs(real_configs):  # the configs' repo ids resolve to the released config files
+    return real_configs
+
+
 def _cfg(name, *overrides):
     return load_config(os.path.join(CONFIGS, name), list(overrides))
 
@@ -126,4 +131,4 @@ def test_a_model_the_plan_cannot_size_is_not_blocked(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * GIB, 1 * GIB))
     cfg = _cfg("wan_t2v_tiny.yaml", f"model.path={tmp_path}")  # a directory with no config and no size in its name
     check_before_loading(cfg, torch.device("cuda"), 1, 0)  # the plan advises; it cannot, so it stays quiet
-    assert plan_summary(cfg, 1)["note"].startswith("no plan: model.path")
+    assert plan_summary(cfg, 1)["note"].startswith("no plan: model directory")

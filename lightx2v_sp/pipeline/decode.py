@@ -49,13 +49,18 @@ def row_bands(height: int, world: int, tiling: int = 1) -> list[list[tuple[int, 
 
 def _layout(wan_vae, vae_cfg, height: int, world: int) -> list[list[tuple[int, int]]]:
     """Every rank's bands. Ranks without a VAE (rank0 mode, rank > 0) see the rank-0 layout too."""
-    split = vae_cfg.parallel == "split" and world > 1 and wan_vae is not None
-    tiling = vae_cfg.tiling
-    if (split or tiling > 1) and wan_vae is not None:
-        reason = unsupported_reason(wan_vae.vae)
-        if reason is not None:
-            log.warning("the VAE decodes on rank 0 alone, in one piece: %s", reason)
-            split, tiling = False, 1
+    reason = None if wan_vae is None else unsupported_reason(wan_vae.vae)
+    if reason is not None and (vae_cfg.parallel == "split" and world > 1 or vae_cfg.tiling > 1):
+        log.warning("the VAE decodes on rank 0 alone, in one piece: %s", reason)
+    return band_layout(reason, vae_cfg, height, world, has_vae=wan_vae is not None)
+
+
+def band_layout(unsupported: Optional[str], vae_cfg, height: int, world: int,
+                has_vae: bool = True) -> list[list[tuple[int, int]]]:
+    """Every rank's latent row bands for `vae_cfg` (the runner's decode and the memory plan);
+    `unsupported`: why the VAE cannot be cut into bands (vae_rows.unsupported_reason), or None."""
+    split = vae_cfg.parallel == "split" and world > 1 and has_vae and unsupported is None
+    tiling = vae_cfg.tiling if unsupported is None else 1
     if not split:
         return [row_bands(height, 1, tiling)[0]] + [[] for _ in range(world - 1)]
     return row_bands(height, world, tiling)

@@ -24,15 +24,17 @@ from .quant import install_dit_matmul, load_options
 from .scheduler import make_scheduler
 
 
-def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: str | None = None) -> WanModel:
+def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: str | None = None,
+             from_peer: bool = False) -> WanModel:
     """One DiT (of one or two experts) on `device`; on the CPU with offload.dit=block or swap (the
     offload places it later).
 
     `lora:` entries (those for `expert`, on a two-expert model) are merged here, before
-    install_parallel lays the weights out. With offload.dit=block and offload.share_host, ranks other
-    than their node's local rank 0 do not read the blocks at all: local rank 0's shared host copy
-    (with the LoRAs merged) supplies them (offload/shared_host.py), so the node reads and holds the
-    blocks once. `model.blocks_loaded` tells install_parallel which case it is.
+    install_parallel lays the weights out. `from_peer` (offload.dit=block with offload.share_host on
+    a rank other than its node's local rank 0, see blocks_from_local_rank0): the blocks are not read
+    at all; local rank 0's shared host copy (with the LoRAs merged) supplies them
+    (offload/shared_host.py), so the node reads and holds the blocks once. `model.blocks_loaded`
+    tells install_parallel which case it is.
     """
     # model.dit_path(_2) and model.quant (pipeline/quant.py): which file, and fp8 or not
     options = load_options(cfg, int(expert == "low_noise"), 1 if expert is None else 2, device)
@@ -42,7 +44,6 @@ def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: s
         model.lora_summary = apply_loras(model, cfg, device, expert)
         install_dit_matmul(model, cfg, device, dtype)
         return model
-    from_peer = _blocks_from_local_rank0(cfg, device, dtype)
     model = WanModel.from_pretrained(path, dtype=dtype, device="cpu",
                                      skip=(lambda name: name.startswith("blocks.")) if from_peer else None, **options)
     model.blocks_loaded = not from_peer
@@ -52,20 +53,20 @@ def load_dit(path: str, cfg, device: torch.device, dtype: torch.dtype, expert: s
     return model
 
 
-def _blocks_from_local_rank0(cfg, device: torch.device, dtype: torch.dtype) -> bool:
+def blocks_from_local_rank0(cfg, device: torch.device, shared_bytes: int) -> bool:
+    """Whether this rank skips reading the DiT blocks because its node's local rank 0 shares them.
+
+    `shared_bytes`: what the shared host copies of every expert hold together
+    (plan_sizes.shared_blocks_bytes, from the resolved checkpoint's configs). NodeSharedHost falls
+    back to private copies when /dev/shm is too small for an arena, and a rank that skipped its blocks
+    then has none: so all experts' arenas must fit before the first is made."""
     from lightx2v_sp.offload.shared_host import _shm_free_bytes, local_layout
-    from lightx2v_sp.models.quant import dit_block_bytes_per_param
-    from lightx2v_sp.plan import dit_numel, model_shapes
 
     local_rank, local_world = local_layout()
-    if not (cfg.offload.share_host and local_world > 1 and local_rank != 0 and device.type == "cuda"
-            and torch.cuda.is_available()):
+    if not (cfg.offload.dit == "block" and cfg.offload.share_host and local_world > 1 and local_rank != 0
+            and device.type == "cuda" and torch.cuda.is_available()):
         return False
-    # NodeSharedHost falls back to private copies when /dev/shm is too small; then this rank needs its own
-    dit = model_shapes(cfg.model).dit
-    per_param = dit_block_bytes_per_param(dit, torch.empty(0, dtype=dtype).element_size(), cfg.model.quant)
-    needed = dit_numel(dit)["blocks"] * per_param
-    return _shm_free_bytes() >= needed
+    return _shm_free_bytes() >= shared_bytes
 
 
 def install_parallel(model: WanModel, cfg, dims, device: torch.device, transport=None):

@@ -87,11 +87,26 @@ class Experts:
 
 
 def load_experts(dirs, cfg, device: torch.device, dtype: torch.dtype) -> list[WanModel]:
-    """The DiT(s) from `dirs`, each as denoise.load_dit loads one (on the CPU when offload places it)."""
-    from .denoise import load_dit
+    """The DiT(s) from `dirs`, each as denoise.load_dit loads one (on the CPU when offload places it).
 
+    Whether this rank reads the blocks or takes its node's shared host copy is decided once, for
+    every expert together, from the experts' own config.json (the shared copies of all of them must
+    fit /dev/shm before the first is made)."""
+    from .denoise import blocks_from_local_rank0, load_dit
+
+    from_peer = False
+    if cfg.offload.dit == "block" and cfg.offload.share_host:
+        from_peer = blocks_from_local_rank0(cfg, device, shared_copy_bytes(dirs, cfg))
     names = [None] if len(dirs) == 1 else ["high_noise", "low_noise"]  # lora entries may name an expert
-    return [load_dit(d, cfg, device, dtype, expert=name) for d, name in zip(dirs, names)]
+    return [load_dit(d, cfg, device, dtype, expert=name, from_peer=from_peer) for d, name in zip(dirs, names)]
+
+
+def shared_copy_bytes(dirs, cfg) -> int:
+    """Bytes the node's shared host copies of every expert's blocks hold together in /dev/shm."""
+    from lightx2v_sp.models.wan.loader import read_config
+    from lightx2v_sp.plan_sizes import shared_blocks_bytes
+
+    return shared_blocks_bytes([read_config(d)[2] for d in dirs], cfg.model.dtype, cfg.model.quant)
 
 
 def install_experts(models: list[WanModel], cfg, dims, device: torch.device, boundary_ratio: Optional[float],

@@ -37,13 +37,18 @@ ALLOW_PATTERNS = (
     "Wan2.1_VAE.pth", "google/umt5-xxl/*", "high_noise_model/*", "low_noise_model/*",
 )
 # Fetched first for a whole model: enough to refuse a checkpoint before its weights are downloaded.
-CONFIG_PATTERNS = ("config.json", "model_index.json")
+PRECHECK_PATTERNS = ("config.json", "model_index.json")
 # A component given as a repo of its own (no subfolder), e.g. tokenizer_path=google/umt5-xxl.
 COMPONENT_PATTERNS = {
     "text_encoder": ("config.json", "model*.safetensors*", "models_t5*.pth"),
     "tokenizer": ("*.json", "*.model", "*.txt"),
     "vae": ("config.json", "diffusion_pytorch_model*.safetensors*", "*VAE*.pth"),
 }
+
+# What the memory plan and the dry run read (configs_only): every config file of both layouts, no weights
+# (fnmatch: `*` also matches `/`, so these reach config.json in every subfolder).
+CONFIG_PATTERNS = ("model_index.json", "*config.json")
+COMPONENT_CONFIG_PATTERNS = {"text_encoder": ("config.json",), "tokenizer": ("*config.json",), "vae": ("config.json",)}
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
 _REPO_ID = re.compile(rf"^({_NAME}/{_NAME})(/[^\s]+)?$")
@@ -135,7 +140,7 @@ def resolve_repo(repo_id: str, revision: Optional[str] = None, patterns: Sequenc
     """Local snapshot directory of `repo_id` at `revision`, downloaded once per node if needed.
 
     `precheck(snapshot)` (raises ValueError to refuse) runs on the repo's top-level configs
-    (CONFIG_PATTERNS) before anything else is downloaded, and the rest is then fetched at the commit
+    (PRECHECK_PATTERNS) before anything else is downloaded, and the rest is then fetched at the commit
     those came from, so a checkpoint that would be refused costs two small files, not its weights.
     """
     cache = hub_cache_dir()
@@ -157,7 +162,7 @@ def resolve_repo(repo_id: str, revision: Optional[str] = None, patterns: Sequenc
             return _download(repo_id, stamp["commit"], patterns, cache, local_files_only=True)
         commit = revision
         if precheck is not None:
-            configs = _download(repo_id, revision, CONFIG_PATTERNS, cache, local_files_only=False)
+            configs = _download(repo_id, revision, PRECHECK_PATTERNS, cache, local_files_only=False)
             precheck(configs)
             commit = os.path.basename(os.path.normpath(configs))  # the snapshot directory is the commit
         log.info("fetching %s (revision %s) into %s: only the files the loaders read", repo_id,
@@ -171,11 +176,13 @@ def resolve_repo(repo_id: str, revision: Optional[str] = None, patterns: Sequenc
 
 
 def resolve_path(value: Optional[str], what: str, revision: Optional[str] = None,
-                 main_repo: Optional[str] = None, precheck: Optional[Callable[[str], None]] = None) -> Optional[str]:
+                 main_repo: Optional[str] = None, configs_only: bool = False,
+                 precheck: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """`value` itself, or the local directory of the repo id (+ subfolder) it names.
 
     `what`: "model" (the whole model: ALLOW_PATTERNS) or a key of COMPONENT_PATTERNS. `revision`
-    applies to the model's own repo, and to a component taken from that same repo. `precheck`: see
+    applies to the model's own repo, and to a component taken from that same repo. `configs_only`:
+    fetch only the config files (CONFIG_PATTERNS), for what needs shapes and no weights. `precheck`: see
     resolve_repo.
     """
     parsed = split_repo_id(value, allow_subfolder=what != "model") if value is not None else None
@@ -183,9 +190,11 @@ def resolve_path(value: Optional[str], what: str, revision: Optional[str] = None
         return value
     repo_id, sub = parsed
     if sub:
-        patterns: Sequence[str] = (sub, f"{sub}/*")
+        patterns: Sequence[str] = (f"{sub}/*config.json",) if configs_only else (sub, f"{sub}/*")
+    elif what == "model":
+        patterns = CONFIG_PATTERNS if configs_only else ALLOW_PATTERNS
     else:
-        patterns = ALLOW_PATTERNS if what == "model" else COMPONENT_PATTERNS[what]
+        patterns = (COMPONENT_CONFIG_PATTERNS if configs_only else COMPONENT_PATTERNS)[what]
     rev = revision if what == "model" or repo_id == main_repo else None
     root = resolve_repo(repo_id, rev, patterns, precheck)
     return os.path.join(root, sub) if sub else root

@@ -11,6 +11,10 @@ transformer/ + transformer_2/ (named in model_index.json); `dit` is the high-noi
 the low-noise one. Each component is looked up in either place (the embedded tiny model mixes them), and
 `model.text_encoder_path` / `tokenizer_path` / `vae_path` override the lookup one by one.
 Any of them may be a Hugging Face repo id instead of a directory (hub.py fetches it).
+
+`weights=False` (the memory plan and the dry run) resolves the same paths from the config files
+alone: a DiT is its config.json, a diffusers component its folder with config.json, and in the
+official layout the UMT5 / VAE .pth files (which carry no config) are taken as named, unchecked.
 """
 from __future__ import annotations
 
@@ -47,25 +51,25 @@ def _has_weights(d: str) -> bool:
     return bool(glob.glob(os.path.join(d, "diffusion_pytorch_model*.safetensors")))
 
 
-def _find_dit(root: str, problems: list[str]) -> tuple[Optional[str], str, int]:
+def _find_dit(root: str, problems: list[str], weights: bool = True) -> tuple[Optional[str], str, int]:
     """(dir, layout, num_heads) of the DiT under root (official at the top, diffusers in transformer/)."""
     top = read_json(os.path.join(root, "config.json"))
     if top is not None and "num_heads" in top and "dim" in top:
-        if _has_weights(root):
+        if _has_weights(root) or not weights:
             return root, "official", int(top["num_heads"])
         problems.append(f"DiT weights diffusion_pytorch_model*.safetensors next to {root}/config.json")
         return None, "official", 0
     sub = os.path.join(root, "transformer")
     cfg = read_json(os.path.join(sub, "config.json"))
     if cfg is not None and "num_attention_heads" in cfg:
-        if _has_weights(sub):
+        if _has_weights(sub) or not weights:
             return sub, "diffusers", int(cfg["num_attention_heads"])
         problems.append(f"DiT weights diffusion_pytorch_model*.safetensors in {sub}")
         return None, "diffusers", 0
     high = os.path.join(root, HIGH_NOISE_DIR)
     cfg = read_json(os.path.join(high, "config.json"))
     if cfg is not None and "num_heads" in cfg:
-        if _has_weights(high):
+        if _has_weights(high) or not weights:
             return high, "official", int(cfg["num_heads"])
         problems.append(f"DiT weights diffusion_pytorch_model*.safetensors in {high}")
         return None, "official", 0
@@ -74,7 +78,8 @@ def _find_dit(root: str, problems: list[str]) -> tuple[Optional[str], str, int]:
     return None, "", 0
 
 
-def _find_second_expert(root: str, dit: Optional[str], layout: str, problems: list[str]) -> Optional[str]:
+def _find_second_expert(root: str, dit: Optional[str], layout: str, problems: list[str],
+                        weights: bool = True) -> Optional[str]:
     """The low-noise expert's directory when the checkpoint names one (None for one-DiT models)."""
     if dit is None:
         return None
@@ -87,7 +92,7 @@ def _find_second_expert(root: str, dit: Optional[str], layout: str, problems: li
         if not entry or entry[0] is None:
             return None
         low = os.path.join(root, "transformer_2")
-    if _has_weights(low) and read_json(os.path.join(low, "config.json")) is not None:
+    if (_has_weights(low) or not weights) and read_json(os.path.join(low, "config.json")) is not None:
         return low
     problems.append(f"the low-noise expert: config.json + diffusion_pytorch_model*.safetensors in {low}")
     return None
@@ -108,6 +113,11 @@ def _tokenizer_ok(p: str) -> bool:
     return os.path.isdir(p) and any(os.path.isfile(os.path.join(p, f)) for f in TOKENIZER_FILES)
 
 
+def _config_ok(p: str) -> bool:
+    """Without weights: a file (taken as named) or a folder with its config.json."""
+    return os.path.isfile(p) or os.path.isfile(os.path.join(p, "config.json"))
+
+
 def _vae_ok(p: str) -> bool:
     if os.path.isfile(p):
         return True
@@ -116,25 +126,32 @@ def _vae_ok(p: str) -> bool:
 
 
 def resolve_model_paths(root: str, text_encoder_path: Optional[str] = None, tokenizer_path: Optional[str] = None,
-                        vae_path: Optional[str] = None) -> ModelPaths:
-    """Component paths under `root`; a ValueError naming everything missing and where it looked."""
+                        vae_path: Optional[str] = None, weights: bool = True) -> ModelPaths:
+    """Component paths under `root`; a ValueError naming everything missing and where it looked.
+
+    `weights=False`: from the config files alone (see the module doc)."""
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise ValueError(f"model.path {root} is not a directory; point it at a downloaded Wan2.1-T2V "
                          "directory (official or -Diffusers layout) or a Hugging Face repo id such as "
                          "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or set model.path=null for the tiny model")
     problems: list[str] = []
-    dit, layout, heads = _find_dit(root, problems)
-    dit_2 = _find_second_expert(root, dit, layout, problems)
+    dit, layout, heads = _find_dit(root, problems, weights)
+    dit_2 = _find_second_expert(root, dit, layout, problems, weights)
 
     def pick(override, candidates, ok, what):
+        configs_only = not weights and ok is not _tokenizer_ok
+        if configs_only:
+            ok = _config_ok
         if override is not None:
             override = os.path.abspath(os.path.expanduser(override))
-            if ok(override):
+            if ok(override) or (configs_only and override.endswith(".pth")):  # a named file: read with the weights
                 return override
             problems.append(f"{what} at {override} (set explicitly)")
             return None
         found = _first(candidates, ok)
+        if found is None and configs_only and layout == "official":
+            return candidates[0]  # the official .pth: named by the layout, it has no config to read
         if found is None:
             problems.append(f"{what} at {' or '.join(candidates)}")
         return found
@@ -151,8 +168,11 @@ def resolve_model_paths(root: str, text_encoder_path: Optional[str] = None, toke
                       num_heads=heads, dit_2=dit_2)
 
 
-def model_paths_for(cfg_model) -> ModelPaths:
-    """Paths for `cfg.model`: the given directory or repo id, or the embedded tiny model (built on first use)."""
+def model_paths_for(cfg_model, weights: bool = True) -> ModelPaths:
+    """Paths for `cfg.model`: the given directory or repo id, or the embedded tiny model (built on first use).
+
+    `weights=False`: a repo id fetches only its config files (hub.CONFIG_PATTERNS) and nothing needs
+    weights (the memory plan, the dry run)."""
     from .hub import resolve_path, split_repo_id
 
     revision = getattr(cfg_model, "revision", None)
@@ -161,11 +181,13 @@ def model_paths_for(cfg_model) -> ModelPaths:
 
         root = ensure_tiny_model(variant=getattr(cfg_model, "tiny", "wan2.1-t2v"))
     else:  # a local directory, or a Hugging Face repo id fetched into the hub cache (hub.py)
-        root = resolve_path(cfg_model.path, "model", revision, precheck=_refuse_before_download)
+        root = resolve_path(cfg_model.path, "model", revision, configs_only=not weights,
+                            precheck=_refuse_before_download)
     main_repo = (split_repo_id(cfg_model.path) or (None,))[0] if cfg_model.path else None
-    paths = resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo)
-                                        for what in ("text_encoder", "tokenizer", "vae")))
-    if hasattr(cfg_model, "dit_path"):  # model.dit_path(_2): one per expert, headers fit (pipeline/quant.py)
+    paths = resolve_model_paths(root, *(resolve_path(getattr(cfg_model, f"{what}_path"), what, revision, main_repo,
+                                                     configs_only=not weights)
+                                        for what in ("text_encoder", "tokenizer", "vae")), weights=weights)
+    if weights and hasattr(cfg_model, "dit_path"):  # model.dit_path(_2): one per expert, headers fit (pipeline/quant.py)
         from .quant import check_dit_weights
 
         check_dit_weights(cfg_model, [d for d in (paths.dit, paths.dit_2) if d])

@@ -26,7 +26,7 @@ from lightx2v_sp.distributed import CommStats, ParallelDims, check_layout, resol
 from lightx2v_sp.distributed.groups import job_size_rank
 from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
 from lightx2v_sp.offload import StageMemory
-from lightx2v_sp.plan import check_before_loading, plan_summary
+from lightx2v_sp.plan import check_before_loading, plan_summary, shapes_of
 
 from .cache import StepCache, cache_summary, settings_for_run
 from .checks import agreed, all_gather_objects
@@ -38,7 +38,8 @@ from .experts import install_experts, load_experts
 from .finite import check_video
 from .image import open_image
 from .kind import boundary_ratio, check_inputs, detect_kind
-from .latents import initial_latents, latent_shape
+from .geometry import video_geometry
+from .latents import initial_latents
 from .loading import load_checked
 from .loras import check_loras
 from .output import OutputPair, check_ours, check_video_writer, check_writable, summary_path
@@ -91,13 +92,15 @@ def _preflight(cfg, device: torch.device):
     paths = model_paths_for(cfg.model)
     check_loras(cfg)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
-    check_before_loading(cfg, device, world, rank, paths.root)  # CUDA only: the plan against free memory
     kind = detect_kind(paths)
     check_inputs(kind, cfg)
     cache = settings_for_run(cfg, kind, paths)
+    shapes = shapes_of(paths, kind)  # read once: the plan and the geometry
+    geometry = video_geometry(kind, shapes.dit, cfg.sample)
+    check_before_loading(cfg, device, world, rank, shapes)  # CUDA only: the plan against free memory
     if cfg.image is not None and rank == 0:  # rank 0 encodes it
         open_image(cfg.image)
-    return paths, out, kind, cache
+    return paths, out, kind, cache, shapes, geometry
 
 
 def _ulysses(cfg) -> int:
@@ -126,7 +129,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     split_decode = vae_on_every_rank(cfg.vae, world)
 
     with stages("preflight"):
-        paths, out_path, kind, cache = agreed("preflight", lambda: _preflight(cfg, device))
+        paths, out_path, kind, cache, shapes, geometry = agreed("preflight", lambda: _preflight(cfg, device))
         dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s)
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
@@ -154,7 +157,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
 
     s = cfg.sample
-    shape = latent_shape(experts.config.out_dim, s.num_frames, s.height, s.width, *kind.vae_strides)
+    shape = geometry.latent
     image = {}
     if needs_image_stage(kind, cfg):
         with stages("image"):
@@ -219,7 +222,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["cache"] = cache_summary(cache, [r["cache"] for r in per_rank], cfg, paths.as_dict())
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
-        result.summary["memory_plan"] = plan_summary(cfg, world, root=paths.root)
+        result.summary["memory_plan"] = plan_summary(cfg, world, shapes=shapes)
         outputs.commit(result.summary)  # the summary, then the video: replaced together
 
     # the video and its summary replace the previous run's pair together; temporary files go on failure

@@ -89,17 +89,6 @@ def _linear_shapes(module: nn.Module, pattern: re.Pattern) -> list[tuple[int, in
             if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
 
 
-def dit_block_bytes_per_param(dit_cfg, dtype_bytes: int, quant: Optional[str]) -> float:
-    """Bytes per parameter of the DiT's blocks (the memory plan's factor for `model.quant`)."""
-    from lightx2v_sp.models.wan.model import WanBlock
-
-    with torch.device("meta"):
-        block = nn.ModuleList([WanBlock(dit_cfg)])  # named like model.blocks: blocks.0.<layer>
-    block = nn.ModuleDict({"blocks": block})
-    numel = sum(p.numel() for p in block.parameters())
-    return bytes_per_param(_linear_shapes(block, DIT_LINEARS), numel, dtype_bytes, quant)
-
-
 def t5_bytes_per_param(t5_cfg, numel: int, dtype_bytes: int, quant: Optional[str]) -> float:
     """Bytes per parameter of a UMT5 encoder (or a tp shard) of `numel` parameters in all."""
     if quant is None:

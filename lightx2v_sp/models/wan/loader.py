@@ -37,8 +37,17 @@ def _list_error(what: str, keys: list[str], limit: int = 20) -> str:
     return f"{len(keys)} {what}: {shown}{more}"
 
 
-def resolve_checkpoint(path) -> tuple[Path, str, dict, list[Path]]:
-    """(directory, layout, config dict, safetensors files) of a Wan DiT checkpoint directory."""
+def read_config(path) -> tuple[Path, str, WanConfig]:
+    """(directory, layout, WanConfig) of a Wan DiT checkpoint directory, from its config.json alone."""
+    root, layout, cfg = _read_config(path)
+    return root, layout, _wan_config(cfg, layout)
+
+
+def _wan_config(cfg: dict, layout: str) -> WanConfig:
+    return WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
+
+
+def _read_config(path) -> tuple[Path, str, dict]:
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"Wan checkpoint {str(root)!r} is not a directory; expected a folder with config.json "
@@ -58,6 +67,12 @@ def resolve_checkpoint(path) -> tuple[Path, str, dict, list[Path]]:
     else:
         raise ValueError(f"{root / 'config.json'} is neither an official Wan2.1 config (dim, num_heads, ...) nor a "
                          f"diffusers WanTransformer3DModel config; keys: {sorted(cfg)}")
+    return root, layout, cfg
+
+
+def resolve_checkpoint(path) -> tuple[Path, str, dict, list[Path]]:
+    """(directory, layout, config dict, safetensors files) of a Wan DiT checkpoint directory."""
+    root, layout, cfg = _read_config(path)
     if (root / INDEX).is_file():
         weight_map = json.loads((root / INDEX).read_text())["weight_map"]
         files = [root / name for name in sorted(set(weight_map.values()))]
@@ -172,7 +187,7 @@ def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None, we
     device="meta": only the headers are checked against the model (names, shapes, fp8 formats).
     """
     root, layout, cfg, files = resolve_checkpoint(path)
-    config = WanConfig.from_diffusers(cfg) if layout == "diffusers" else WanConfig.from_official(cfg)
+    config = _wan_config(cfg, layout)
     try:
         where, shapes, dtypes, weights_layout_, fp8 = _open(weight_files(weights) if weights else files, quant,
                                                               weights)
