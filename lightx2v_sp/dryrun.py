@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from lightx2v_sp.config import uses_cfg
+
 GIB = 1 << 30
 
 
@@ -71,6 +73,7 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     from lightx2v_sp.distributed.mesh import check_layout, resolve_ulysses_degree
     from lightx2v_sp.pipeline.image import open_image
     from lightx2v_sp.pipeline.kind import boundary_ratio, check_inputs, detect_kind
+    from lightx2v_sp.pipeline.cache import settings_for_run
     from lightx2v_sp.pipeline.experts import shared_copy_bytes
     from lightx2v_sp.pipeline.geometry import video_geometry
     from lightx2v_sp.pipeline.loras import check_loras
@@ -97,6 +100,7 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     step("the layout", check_layout, world, ulysses, par.cfg_degree, paths.num_heads)
     kind = step("the model kind", detect_kind, paths)
     step("the inputs", check_inputs, kind, cfg)
+    step("the step cache settings", settings_for_run, cfg, kind, paths)
     if cfg.image is not None:
         step("the image", open_image, cfg.image)
     shapes = step("the model's configs", shapes_of, paths, kind)
@@ -122,7 +126,7 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     # -- text encoder on the prompt length (the tokenizer's, where its files are here; else text_len,
     # the most the encoder sees: every prompt is cut or padded to it)
     te = cfg.text_encoder
-    prompts = 2 if s.guidance_scale != 1.0 else 1
+    prompts = 2 if uses_cfg(s) else 1
     lengths = step("the tokenizer", _prompt_lengths, paths.tokenizer, [cfg.prompt, cfg.negative_prompt][:prompts],
                    te.text_len)
     if te.parallel == "tp" and world > 1:

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from lightx2v_sp.config import uses_cfg
+
 from .plan_sizes import (DTYPE_BYTES, GIB, Shapes, _meta_vae, _numel, _t5_numel, dit_bytes, dit_numel,  # noqa: F401
                          model_shapes, shapes_of, shared_blocks_bytes, vae_decode_bytes)
 
@@ -96,7 +98,7 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     te_mode = te.parallel if world > 1 else "replicate"
     t5_numel = _t5_numel(shapes.t5, te_mode, world, rank)
     t5_bytes = int(t5_numel * t5_bytes_per_param(shapes.t5, t5_numel, mb, getattr(te, "quant", None)))
-    prompts = 2 if s.guidance_scale != 1.0 else 1
+    prompts = 2 if uses_cfg(s) else 1
     t5_tokens = prompts * te.text_len
     if te_mode == "dp":
         t5_tokens = te.text_len * split_sizes(prompts, world)[rank]

@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from lightx2v_sp.config import uses_cfg
+
 from . import metrics
 from .settings import CacheSettings
 
@@ -52,7 +54,7 @@ def residual_bytes(cfg, local_tokens: int, dim: int, element_bytes: int) -> int:
     rank runs, one (teacache, magcache; a calibration's new residual briefly makes two) or two (first_block:
     the rest's residual and block 0's)."""
     per_branch = 2 if cfg.cache.method == "first_block" or cfg.cache.calibrate else 1
-    branches = 2 if cfg.sample.guidance_scale != 1.0 and cfg.parallel.cfg_degree == 1 else 1
+    branches = 2 if uses_cfg(cfg.sample) and cfg.parallel.cfg_degree == 1 else 1
     return local_tokens * dim * element_bytes * per_branch * branches
 
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from lightx2v_sp.config import uses_cfg
 from lightx2v_sp.distributed.groups import job_size_rank
 from lightx2v_sp.jsonfile import read_json
 
@@ -173,7 +174,7 @@ def _magcache(c, s, key, kind_name: str, dim: int) -> CacheSettings:
         return settings
     if c.ratios is not None:
         settings.ratios_path = os.path.abspath(os.path.expanduser(c.ratios))
-        settings.ratios = read_ratios(settings.ratios_path, s.steps, need_uncond=s.guidance_scale != 1.0)
+        settings.ratios = read_ratios(settings.ratios_path, s.steps, need_uncond=uses_cfg(s))
         settings.source = settings.ratios_path
         return settings
     if key is None:
