@@ -162,7 +162,7 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
             if key in seen:
                 continue
             out = step(f"the DiT forward (expert {i}, rank {r})", dm.dit_forward, c, cfg.model.dtype, x, timestep,
-                       ctx, image_context, sizes, r)
+                       ctx, image_context, sizes, r, quant=cfg.model.quant)
             if tuple(out.shape) != (1, *latent):
                 raise ValueError(f"the DiT (expert {i}) returned {list(out.shape)} for latents {[1, *latent]}")
             seen[key] = True
@@ -242,7 +242,7 @@ def _match_loras(cfg, config, expert):
 
     from .dryrun_meta import meta_dit
 
-    model = meta_dit(config, cfg.model.dtype)
+    model = meta_dit(config, cfg.model.dtype, quant=cfg.model.quant)
     chosen = select_loras(cfg.lora, expert)
     files = [resolve_lora_file(lora_path(e.path, cfg)) for e in chosen]
     entries = []

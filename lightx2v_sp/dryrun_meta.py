@@ -29,15 +29,20 @@ def meta(shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device=META)
 
 
-def meta_dit(config, dtype: str, num_layers: Optional[int] = None):
-    """A WanModel on the meta device in the run's dtype (fp32 kept where the loader keeps it)."""
+def meta_dit(config, dtype: str, num_layers: Optional[int] = None, quant: Optional[str] = None):
+    """A WanModel on the meta device in the run's dtype (fp32 kept where the loader keeps it; with
+    model.quant=fp8 the block linears as the loader makes them)."""
+    from lightx2v_sp.models.quant import DIT_LINEARS, quantize_linears
     from lightx2v_sp.models.wan import WanModel
 
     if num_layers is not None:
         config = dataclasses.replace(config, num_layers=num_layers)
     with torch.device("meta"):
         model = WanModel(config)
-    return model.set_dtype(DTYPES[dtype]).eval().requires_grad_(False)
+        model.set_dtype(DTYPES[dtype])
+        if quant == "fp8":
+            quantize_linears(model, DIT_LINEARS)
+    return model.eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,12 +110,13 @@ def _emulate_split(model, sizes: list[int], rank: int, backend: str) -> None:
 @torch.no_grad()
 def dit_forward(config, dtype: str, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 image_context: Optional[torch.Tensor], sizes: list[int], rank: int,
-                backend: str = "sdpa") -> torch.Tensor:
+                backend: str = "sdpa", quant: Optional[str] = None) -> torch.Tensor:
     """The DiT (one block of `config`) on rank `rank` of a Ulysses group splitting the tokens `sizes`."""
     extra = () if image_context is None else (image_context,)
-    key = (repr(config), dtype, *(tuple(t.shape) for t in (x, timestep, context, *extra)), tuple(sizes), rank)
+    key = (repr(config), dtype, quant, *(tuple(t.shape) for t in (x, timestep, context, *extra)), tuple(sizes),
+           rank)
     if key not in _FORWARDS:
-        model = meta_dit(config, dtype, num_layers=1)
+        model = meta_dit(config, dtype, num_layers=1, quant=quant)
         model.set_attention_backend(backend)
         if len(sizes) > 1:
             _emulate_split(model, sizes, rank, backend)
@@ -211,6 +217,9 @@ class MetaTransport:
         self.host.append(t)
         return t
 
+    def host_free(self, tensor: torch.Tensor) -> None:
+        pass  # the record stays: the plan is held against the peak, which came before
+
     def device_empty(self, nbytes: int) -> torch.Tensor:
         return meta((nbytes,), torch.uint8)
 
@@ -261,7 +270,7 @@ def observe_placement(configs, cfg, boundary_ratio: Optional[float]) -> dict:
     from lightx2v_sp.pipeline.experts import install_experts
     from lightx2v_sp.pipeline.scheduler import make_scheduler
 
-    models = [meta_dit(c, cfg.model.dtype) for c in configs]
+    models = [meta_dit(c, cfg.model.dtype, quant=cfg.model.quant) for c in configs]
     run_cfg = _one_process(cfg)
     transport = MetaTransport()
     experts = install_experts(models, run_cfg, ParallelDims(), META, boundary_ratio, transport=transport)

@@ -120,7 +120,7 @@ def test_block_offload_streams_fp8_bytes_and_gives_the_resident_result():
     assert handle.stats()["block_copies"] > 0
 
 
-def test_plan_counts_fp8_weight_bytes():
+def test_plan_counts_fp8_weight_bytes(real_configs):  # the configs' repo ids from the fixture hub cache
     from lightx2v_sp.config import load_config
     from lightx2v_sp.plan import make_plan
 

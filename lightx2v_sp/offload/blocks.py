@@ -164,7 +164,7 @@ class BlockOffload:
         self._handles = []
         self.release_buffers()
         for layout in self.layouts:
-            layout.bind([torch.empty(0, dtype=dtype) for _, _, dtype, _ in layout.specs])
+            layout.bind([torch.empty(0, dtype=t.dtype, device=t.device) for t in layout.tensors])
         for flat in self._host_flat if self._arena is None or not self._arena.shared else ():
             self.transport.host_free(flat)
         self._host_flat, self._host_views, self._arena = [], [], None
