@@ -82,9 +82,10 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     mb = DTYPE_BYTES[cfg.model.dtype]
     dit = shapes.dit
     _, frames, lat_h, lat_w = latent_shape(dit.in_dim, s.num_frames, s.height, s.width)
-    ulysses = resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree)
+    ring = cfg.parallel.ring_degree
+    ulysses = resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree, ring)
     tokens = frames * (lat_h // dit.patch_size[1]) * (lat_w // dit.patch_size[2])
-    local_tokens = split_sizes(tokens, ulysses)[rank % ulysses]
+    local_tokens = split_sizes(tokens, ulysses * ring)[rank % (ulysses * ring)]  # over the sequence group
 
     # text: the encoder on the GPU (gpu/swap) or the host (cpu) for this stage only
     te = cfg.text_encoder
@@ -115,6 +116,12 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     else:
         den.gpu["DiT"] = (n["other"] + n["blocks"]) * mb
     den.gpu["DiT activations"] = int(local_tokens * (DIT_ACT_DIM * dit.dim + DIT_ACT_FFN * dit.ffn_dim) * mb)
+    if ring > 1:  # ring attention: K/V block buffers and the partial outputs until the merge
+        from lightx2v_sp.attention.ring import ring_memory_bytes
+
+        den.gpu["ring attention buffers"] = ring_memory_bytes(
+            split_sizes(tokens, ulysses * ring), ulysses, rank % (ulysses * ring) // ulysses,
+            dit.num_heads // ulysses, dit.dim // dit.num_heads, mb, cfg.parallel.comm_dtype)
 
     # decode: this rank's bands (pipeline/decode.py's layout)
     vb = DTYPE_BYTES[cfg.vae.dtype]
@@ -300,8 +307,9 @@ def main_plan(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float]) -> tupl
     from lightx2v_sp.distributed.mesh import check_layout, resolve_ulysses_degree
 
     shapes = model_shapes(cfg.model)
-    check_layout(world, resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree),
-                 cfg.parallel.cfg_degree, shapes.dit.num_heads)
+    p = cfg.parallel
+    check_layout(world, resolve_ulysses_degree(world, p.ulysses_degree, p.cfg_degree, p.ring_degree),
+                 p.cfg_degree, shapes.dit.num_heads, ring_degree=p.ring_degree)
     gpu_bytes, source = gpu_memory_default(gpu_memory_gib)
     ranks = [plan_rank(cfg, shapes, world, r) for r in range(world)]
     return format_plan(cfg, shapes, ranks, gpu_bytes, source), fits(ranks, gpu_bytes)
