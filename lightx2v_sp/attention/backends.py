@@ -127,11 +127,12 @@ def _register_sdpa() -> None:
     except ImportError:  # older torch: plain sdpa only
         return
     half = lambda device, dtype, head_dim: _half_on_cuda(device, dtype)  # noqa: E731
-    for name, member, supports, lse in (
-            ("sdpa_cudnn", "CUDNN_ATTENTION", half, lse_kernels.torch_cudnn_lse),
-            ("sdpa_flash", "FLASH_ATTENTION", half, lse_kernels.torch_flash_lse),
-            ("sdpa_efficient", "EFFICIENT_ATTENTION", lambda d, t, h: d.type == "cuda", lse_kernels.torch_efficient_lse),
-            ("sdpa_math", "MATH", None, lse_kernels.math_lse)):
+    cuda = lambda device, dtype, head_dim: device.type == "cuda"  # noqa: E731
+    lk = lse_kernels
+    for name, member, supports, lse in (("sdpa_cudnn", "CUDNN_ATTENTION", half, lk.torch_cudnn_lse),
+                                        ("sdpa_flash", "FLASH_ATTENTION", half, lk.torch_flash_lse),
+                                        ("sdpa_efficient", "EFFICIENT_ATTENTION", cuda, lk.torch_efficient_lse),
+                                        ("sdpa_math", "MATH", None, lk.math_lse)):
         if hasattr(SDPBackend, member):
             register_backend(name, _sdpa_pinned(getattr(SDPBackend, member)), supports, source="torch", lse=lse)
 

@@ -52,6 +52,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     return _ring(q, k, v, group, size, seq_sizes, options)
 
 
+@torch.compiler.disable  # the whole composition stays eager under model.compile (no closure to rebuild)
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_group, ring_group,
                   seq_sizes: list[int], options: UlyssesOptions) -> torch.Tensor:
     """Ulysses x ring: [B, S_local, H, D] -> same, over the sequence group of ulysses x ring ranks.

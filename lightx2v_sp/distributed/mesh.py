@@ -71,9 +71,9 @@ def check_layout(world_size: int, ulysses_degree: int, cfg_degree: int, num_head
         names, values = "ulysses_degree x cfg_degree", f"{ulysses_degree} x {cfg_degree}"
         if ring_degree > 1:
             names, values = names + " x ring_degree", values + f" x {ring_degree}"
-        raise ValueError(
-            f"{names} = {values} = {product} but the world size is {world_size}{hint}; the job cannot be laid "
-            f"out. Layouts that fit {world_size} rank(s){heads}: {', '.join(valid_layouts(world_size, num_heads)) or 'none'}")
+        fit = ", ".join(valid_layouts(world_size, num_heads)) or "none"
+        raise ValueError(f"{names} = {values} = {product} but the world size is {world_size}{hint}; the job cannot be "
+                         f"laid out. Layouts that fit {world_size} rank(s){heads}: {fit}")
     if num_heads is not None and num_heads % ulysses_degree:
         raise heads_error(num_heads, ulysses_degree, world_size)
 
