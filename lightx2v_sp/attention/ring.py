@@ -29,7 +29,7 @@ from ..distributed.comm_stats import record_comm
 from .backends import attention, get_lse_backend
 from .options import UlyssesOptions
 from .ring_merge import merge_partials
-from .ulysses import _check_agreement, _ulysses
+from .ulysses import _check, _check_agreement, _ulysses
 
 __all__ = ["merge_partials", "ring_attention", "usp_attention"]
 
@@ -78,17 +78,6 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_gro
     return _ulysses(q, k, v, ulysses_group, u, seq_sizes[ring_rank * u:(ring_rank + 1) * u], options, local=ring)
 
 
-def _check(q, k, v, size, rank, seq_sizes):
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"ring_attention expects q, k, v of one shape [B, S_local, H, D]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if len(seq_sizes) != size or seq_sizes[rank] != q.shape[1]:
-        raise ValueError(f"seq_sizes={list(seq_sizes)} does not describe a ring of {size} where rank {rank} "
-                         f"holds {q.shape[1]} tokens")
-
-
 def _side_stream(device: torch.device):
     if device.type != "cuda":
         return None
@@ -120,7 +109,7 @@ def _post(send: torch.Tensor, recv: torch.Tensor, to: int, frm: int, group, stre
 def _ring(q, k, v, group, size, seq_sizes, options: UlyssesOptions):
     rank = dist.get_rank(group)
     seq_sizes = list(seq_sizes) if seq_sizes is not None else [q.shape[1]] * size
-    _check(q, k, v, size, rank, seq_sizes)
+    _check(q, k, v, size, rank, seq_sizes, what="ring_attention", split_heads=False)  # the ring splits tokens only
     _check_agreement(q, group, size, seq_sizes, options, what="ring_attention")
     kernel = get_lse_backend(options.backend, q)
     codec = options.codec

@@ -16,13 +16,14 @@ or where it cannot run, torch does it one block at a time (`addcmul_` into an fp
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
 log = logging.getLogger(__name__)
 
-_fused = None  # the Triton module, False where it cannot be imported or failed to run
+_fused = None  # the Triton module; False where it cannot be imported or failed to run
 
 
 def merge_weights(lses: list[torch.Tensor]) -> torch.Tensor:
@@ -38,13 +39,14 @@ def merge_torch(parts: list[torch.Tensor], weights: torch.Tensor, dtype: torch.d
 
 
 def _fused_module():
+    """The Triton merge, imported on the first CUDA merge (optional: Triton, CUDA), or False."""
     global _fused
     if _fused is None:
-        try:  # optional (Triton, CUDA): imported on the first CUDA merge, not with this module
-            from . import ring_merge_triton as module
-        except ImportError:
-            module = False
-        _fused = module
+        _fused = False
+        with contextlib.suppress(ImportError):
+            from . import ring_merge_triton
+
+            _fused = ring_merge_triton
     return _fused
 
 

@@ -34,13 +34,13 @@ def _offsets(sizes: list[int]) -> list[int]:
     return out
 
 
-def _check(q, k, v, size, rank, seq_sizes):
+def _check(q, k, v, size, rank, seq_sizes, what: str = "ulysses_attention", split_heads: bool = True):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"ulysses_attention expects q, k, v of one shape [B, S_local, H, D]; got "
+        raise ValueError(f"{what} expects q, k, v of one shape [B, S_local, H, D]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[2] % size:
+    if split_heads and q.shape[2] % size:
         raise heads_error(q.shape[2], size, dist.get_world_size())
     if len(seq_sizes) != size or seq_sizes[rank] != q.shape[1]:
         raise ValueError(f"seq_sizes={list(seq_sizes)} does not describe a group of {size} where rank {rank} "
