@@ -120,6 +120,23 @@ def test_layouts_that_fit_and_those_that_do_not():
         assert sorted(r for ranks in axis for r in ranks) == list(range(16))
 
 
+def test_memory_plan_counts_the_ring():
+    from lightx2v_sp.plan import make_plan
+
+    def denoise(*overrides, world=16):
+        cfg = load_config(os.path.join(CONFIGS, "wan_t2v_14b_720p_16gpu.yaml"), list(overrides))
+        return make_plan(cfg, world)[1][0].stages[1].gpu
+
+    ring = denoise()  # ulysses 8 x ring 2: 75600 tokens, 4725 per rank, 37800 per Ulysses group, 5 heads
+    cfg2 = denoise("parallel.cfg_degree=2", "parallel.ring_degree=1")  # ulysses 8: 9450 tokens per rank
+    assert ring["DiT activations"] * 2 == cfg2["DiT activations"] and "ring attention buffers" not in cfg2
+    chunk, bf16 = 37800 * 5, 2  # tokens x heads of one Ulysses group on one rank
+    wire, partials, merged = 2 * 2 * chunk * 128 * bf16, 2 * chunk * (128 * bf16 + 8), chunk * 128 * bf16
+    assert ring["ring attention buffers"] == wire + partials + merged
+    fp8 = denoise("parallel.comm_dtype=fp8")["ring attention buffers"]
+    assert fp8 == 2 * 2 * chunk * (128 + 4) + 2 * chunk * 128 * bf16 + partials + merged  # + the decoded block
+
+
 def test_ring_needs_a_kernel_with_its_lse():
     backends.register_backend("no_lse", backends._sdpa)
     try:
