@@ -27,9 +27,11 @@ from lightx2v_sp.testing import run_on_ranks
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # name -> (config, overrides): one layout per model kind the ring must compose with
 PIPELINES = {
-    "t2v_uly2_ring2": ("wan_t2v_tiny.yaml", ["sample.steps=3", "parallel.ulysses_degree=2", "parallel.ring_degree=2",
+    "t2v_uly2_ring2": ("wan_t2v_tiny.yaml", ["sample.steps=2", "parallel.ulysses_degree=2", "parallel.ring_degree=2",
                                               "parallel.a2a=round_robin"]),
-    "i2v_experts_cfg2_ring2": ("wan22_i2v_tiny.yaml", ["parallel.cfg_degree=2", "parallel.ring_degree=2"]),
+    # 2 steps at shift 5: t = 999 (high-noise expert), then 833 < the 900 boundary (low-noise expert)
+    "i2v_experts_cfg2_ring2": ("wan22_i2v_tiny.yaml", ["sample.steps=2", "parallel.cfg_degree=2",
+                                                       "parallel.ring_degree=2"]),
 }
 # The pipelines' tolerance, as test_pipeline_layouts.py argues it: fp32 math reordered (here also by the
 # LSE merge), amplified by guidance and the VAE to at most ~1e-5; a wrong block, weight or rank moves
@@ -123,18 +125,18 @@ def test_layouts_that_fit_and_those_that_do_not():
 def test_memory_plan_counts_the_ring():
     from lightx2v_sp.plan import make_plan
 
-    def denoise(*overrides, world=16):
-        cfg = load_config(os.path.join(CONFIGS, "wan_t2v_14b_720p_16gpu.yaml"), list(overrides))
-        return make_plan(cfg, world)[1][0].stages[1].gpu
+    def denoise(*overrides):  # the tiny DiT (12 heads of 8) at 480p, 81 frames: 32760 tokens, on 4 ranks
+        cfg = load_config(None, ["model.dtype=bf16", "parallel.ulysses_degree=2", *overrides])
+        return make_plan(cfg, 4)[1][0].stages[1].gpu
 
-    ring = denoise()  # ulysses 8 x ring 2: 75600 tokens, 4725 per rank, 37800 per Ulysses group, 5 heads
-    cfg2 = denoise("parallel.cfg_degree=2", "parallel.ring_degree=1")  # ulysses 8: 9450 tokens per rank
+    ring = denoise("parallel.ring_degree=2")  # 8190 tokens per rank, 16380 per Ulysses group, 6 heads
+    cfg2 = denoise("parallel.cfg_degree=2")  # ulysses 2 alone: 16380 tokens per rank
     assert ring["DiT activations"] * 2 == cfg2["DiT activations"] and "ring attention buffers" not in cfg2
-    chunk, bf16 = 37800 * 5, 2  # tokens x heads of one Ulysses group on one rank
-    wire, partials, merged = 2 * 2 * chunk * 128 * bf16, 2 * chunk * (128 * bf16 + 8), chunk * 128 * bf16
+    chunk, d, bf16 = 16380 * 6, 8, 2  # tokens x heads of one Ulysses group on one rank; head dim
+    wire, partials, merged = 2 * 2 * chunk * d * bf16, 2 * chunk * (d * bf16 + 8), chunk * d * bf16
     assert ring["ring attention buffers"] == wire + partials + merged
-    fp8 = denoise("parallel.comm_dtype=fp8")["ring attention buffers"]
-    assert fp8 == 2 * 2 * chunk * (128 + 4) + 2 * chunk * 128 * bf16 + partials + merged  # + the decoded block
+    fp8 = denoise("parallel.ring_degree=2", "parallel.comm_dtype=fp8")["ring attention buffers"]
+    assert fp8 == 2 * 2 * chunk * (d + 4) + 2 * chunk * d * bf16 + partials + merged  # + the decoded block
 
 
 def test_ring_needs_a_kernel_with_its_lse():
