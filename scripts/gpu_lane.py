@@ -40,8 +40,9 @@ sys.path.insert(0, ROOT)
 # Pass bounds on (max, mean) |frame difference| in 8-bit levels. "exact": layouts that only move
 # data (Ulysses, CFG-parallel, offload, swap) change nothing beyond the final rounding (one level
 # was measured on 2 H200). "rounding": layouts that change floating-point rounding on purpose: fp8
-# on the wire (up to row max / 16 per value), or the UMT5 tp/dp encoder in bf16 (partial sums
-# rounded to bf16 before the reduce-scatter; other GEMM shapes). The tiny model's random weights
+# on the wire (up to row max / 16 per value), the UMT5 tp/dp encoder in bf16 (partial sums
+# rounded to bf16 before the reduce-scatter; other GEMM shapes), or ring attention in bf16 (block
+# outputs rounded to bf16 before the fp32 merge). The tiny model's random weights
 # and guidance 5 amplify a bf16-level change of the context to ~9 levels (seen on CPU), while a
 # wrong slice or exchange moves the whole video: mean differences of tens of levels.
 FRAME_LEVELS = {"exact": (2, 0.05), "rounding": (32, 2.0)}
@@ -92,7 +93,10 @@ def _config_jobs(world: int) -> tuple[list[dict], list[dict]]:
         if world > 1:
             cfg = cfg_degree if world % cfg_degree == 0 else 1
             uly, ring = _split(world // cfg, int(OmegaConf.select(raw, "parallel.ring_degree", default=1) or 1))
-            many.append({"name": f"{name}.{world}", "config": path, "ref": f"{name}.ref", "kind": _kind(raw),
+            # a ring merges bf16 partial outputs (rounded once more than one kernel's output): rounding, not exact
+            low_precision = OmegaConf.select(raw, "model.dtype", default="bf16") != "fp32"
+            kind = "rounding" if ring > 1 and low_precision else _kind(raw)
+            many.append({"name": f"{name}.{world}", "config": path, "ref": f"{name}.ref", "kind": kind,
                          "overrides": base + [f"parallel.cfg_degree={cfg}", f"parallel.ulysses_degree={uly}",
                                               f"parallel.ring_degree={ring}"],
                          "layout": f"cfg {cfg} x ulysses {uly}" + (f" x ring {ring}" if ring > 1 else "")})
