@@ -88,13 +88,16 @@ class SampleConfig:
 @dataclass
 class ParallelConfig:
     ulysses_degree: int = _f(0, "ranks that split the token sequence (Ulysses, contiguous ranks); "
-                                "0 = auto: every rank that cfg_degree leaves")
+                                "0 = auto: every rank that cfg_degree and ring_degree leave")
     cfg_degree: int = _f(1, "1, or 2 to run the conditional and unconditional passes on two rank groups", [1, 2])
     a2a: str = _f("all_to_all", "Ulysses exchange: one all_to_all_single, or pairwise round-robin (PCIe)",
                   A2A_METHODS)
     fuse_qkv: bool = _f(True, "move q, k and v in one collective per direction")
-    comm_dtype: Optional[str] = _f(None, "null = send in compute dtype; fp8 = e4m3 payload + scales in one buffer",
-                                   COMM_DTYPES)
+    comm_dtype: Optional[str] = _f(None, "null = send in compute dtype; fp8 = e4m3 payload + scales in one buffer "
+                                         "(the Ulysses exchanges and the ring's K/V blocks)", COMM_DTYPES)
+    ring_degree: int = _f(1, "ring attention over groups of ulysses_degree ranks (USP): world = cfg x ulysses x "
+                             "ring; K/V blocks pass to one neighbour at a time. For more GPUs than heads, or a "
+                             "slow link between nodes (the ring crosses it, Ulysses stays inside a node)")
 
 
 @dataclass
@@ -315,6 +318,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value, minimum in [("sample.steps", s.steps, 1), ("sample.height", s.height, 16),
                                 ("sample.width", s.width, 16), ("sample.num_frames", s.num_frames, 1),
                                 ("sample.fps", s.fps, 1), ("parallel.ulysses_degree", p.ulysses_degree, 0),
+                                ("parallel.ring_degree", p.ring_degree, 1),
                                 ("comm.timeout_s", cfg.comm.timeout_s, 1), ("text_encoder.text_len", cfg.text_encoder.text_len, 1),
                                 ("vae.tiling", cfg.vae.tiling, 1)]:
         if value < minimum:

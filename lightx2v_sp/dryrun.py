@@ -96,8 +96,9 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     step("the text encoder layout", check_text_encoder_layout, cfg.text_encoder, torch.device("cuda"), world)
     paths = step("the model's files", model_paths_for, cfg.model, weights=False)
     step("the LoRA files", check_loras, cfg)
-    ulysses = resolve_ulysses_degree(world, par.ulysses_degree, par.cfg_degree)
-    step("the layout", check_layout, world, ulysses, par.cfg_degree, paths.num_heads)
+    ring = par.ring_degree
+    ulysses = resolve_ulysses_degree(world, par.ulysses_degree, par.cfg_degree, ring)
+    step("the layout", check_layout, world, ulysses, par.cfg_degree, paths.num_heads, ring_degree=ring)
     kind = step("the model kind", detect_kind, paths)
     step("the inputs", check_inputs, kind, cfg)
     step("the step cache settings", settings_for_run, cfg, kind, paths)
@@ -108,12 +109,12 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     step.ok(f"model {cfg.model.path or 'tiny'} -> {paths.root} ({paths.dit_layout} layout): {kind.name}, "
             f"{len(configs)} expert(s) of {configs[0].num_layers} blocks, dim {configs[0].dim}, "
             f"{configs[0].num_heads} heads, VAE strides {kind.vae_strides}")
-    step.ok(f"layout: cfg {par.cfg_degree} x ulysses {ulysses} = {world} rank(s), {configs[0].num_heads} heads "
-            f"-> {configs[0].num_heads // ulysses} per rank")
+    step.ok(f"layout: cfg {par.cfg_degree} x ulysses {ulysses}" + (f" x ring {ring}" if ring > 1 else "") +
+            f" = {world} rank(s), {configs[0].num_heads} heads -> {configs[0].num_heads // ulysses} per rank")
 
     # -- latents and tokens (the runner's geometry)
     geo = step("the latent shape", video_geometry, kind, configs[0], s)
-    latent, sizes = geo.latent, geo.tokens_per_rank(ulysses)
+    latent, sizes = geo.latent, geo.tokens_per_rank(ulysses * ring)  # over the sequence group
     step.ok(f"video {s.num_frames}x{s.height}x{s.width} -> latents {list(latent)} -> tokens {list(geo.grid)} = "
             f"{geo.tokens}, per rank {sorted(set(sizes), reverse=True)}")
 
@@ -157,12 +158,12 @@ def dry_run(cfg, world: int, gpu_bytes: int, gpu_source: str = "", name: str = "
     ctx = dm.meta((1, te.text_len, context.shape[-1]), dm.DTYPES[cfg.model.dtype])
     seen = {}
     for i, c in enumerate(configs):
-        for r in range(ulysses):
-            key = (i, sizes[r], r == 0, r == ulysses - 1)
+        for r in range(ulysses * ring):
+            key = (i, sizes[r], r == 0, r == ulysses * ring - 1)
             if key in seen:
                 continue
             out = step(f"the DiT forward (expert {i}, rank {r})", dm.dit_forward, c, cfg.model.dtype, x, timestep,
-                       ctx, image_context, sizes, r, quant=cfg.model.quant)
+                       ctx, image_context, sizes, r, quant=cfg.model.quant, ulysses=ulysses)
             if tuple(out.shape) != (1, *latent):
                 raise ValueError(f"the DiT (expert {i}) returned {list(out.shape)} for latents {[1, *latent]}")
             seen[key] = True
@@ -331,11 +332,11 @@ def _plan_lines(report: DryRunReport, ranks, gpu_source: str) -> str:
 
 
 def intended_world(cfg) -> int:
-    """The ranks a config is laid out for: WORLD_SIZE under torchrun, else cfg_degree x ulysses_degree
-    (ulysses_degree 0, "all ranks": 2 per CFG group, as the README's torchrun command runs it)."""
+    """The ranks a config is laid out for: WORLD_SIZE under torchrun, else cfg_degree x ulysses_degree x
+    ring_degree (ulysses_degree 0, "all ranks": 2 per CFG group, as the README's torchrun command runs it)."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    return cfg.parallel.cfg_degree * (cfg.parallel.ulysses_degree or 2)
+    return cfg.parallel.cfg_degree * (cfg.parallel.ulysses_degree or 2) * cfg.parallel.ring_degree
 
 
 # the card a shipped config is written for, by the end of its name; the others are for 80 GB GPUs

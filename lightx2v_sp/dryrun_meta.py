@@ -49,18 +49,19 @@ def meta_dit(config, dtype: str, num_layers: Optional[int] = None, quant: Option
 # DiT: one rank's forward
 
 class _UlyssesShapes:
-    """Ulysses attention's shapes without its exchange: [B, S_r, H, D] -> the local kernel on
-    [B, S, H/P, D] -> [B, S_r, H, D]."""
+    """Ulysses (x ring) attention's shapes without its exchange: [B, S_r, H, D] -> the local kernel on
+    [B, S, H/P, D] -> [B, S_r, H, D], P the Ulysses degree (a ring's blocks see the same head count)."""
 
-    def __init__(self, sizes: list[int], rank: int, backend: str):
+    def __init__(self, sizes: list[int], rank: int, backend: str, ulysses: Optional[int] = None):
         self.sizes, self.rank, self.backend = sizes, rank, backend
+        self.ulysses = ulysses or len(sizes)
 
     def __call__(self, q, k, v):
         from lightx2v_sp.attention import attention
         from lightx2v_sp.distributed.mesh import heads_error
 
         b, s_local, h, d = q.shape
-        p = len(self.sizes)
+        p = self.ulysses
         if h % p:
             raise heads_error(h, p, p)
         if s_local != self.sizes[self.rank]:
@@ -78,7 +79,7 @@ def _cut(t: torch.Tensor, dim: int, sizes: list[int], rank: int) -> torch.Tensor
     return t.narrow(dim, sum(sizes[:rank]), sizes[rank])
 
 
-def _emulate_split(model, sizes: list[int], rank: int, backend: str) -> None:
+def _emulate_split(model, sizes: list[int], rank: int, backend: str, ulysses: int) -> None:
     """Install parallelize_wan's split points (its SEQUENCE_PLAN) as slicing, and Ulysses' shapes."""
     from lightx2v_sp.models.wan import parallelize as par
 
@@ -104,22 +105,24 @@ def _emulate_split(model, sizes: list[int], rank: int, backend: str) -> None:
         sub = model.get_submodule(name)
         sub.register_forward_pre_hook(hook) if when == "pre" else sub.register_forward_hook(hook)
     for block in model.blocks:
-        block.self_attn.attn_fn = _UlyssesShapes(sizes, rank, backend)
+        block.self_attn.attn_fn = _UlyssesShapes(sizes, rank, backend, ulysses)
 
 
 @torch.no_grad()
 def dit_forward(config, dtype: str, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 image_context: Optional[torch.Tensor], sizes: list[int], rank: int,
-                backend: str = "sdpa", quant: Optional[str] = None) -> torch.Tensor:
-    """The DiT (one block of `config`) on rank `rank` of a Ulysses group splitting the tokens `sizes`."""
+                backend: str = "sdpa", quant: Optional[str] = None, ulysses: Optional[int] = None) -> torch.Tensor:
+    """The DiT (one block of `config`) on rank `rank` of a sequence group (Ulysses `ulysses`, default all of
+    it, x ring) splitting the tokens `sizes`."""
     extra = () if image_context is None else (image_context,)
+    ulysses = ulysses or len(sizes)
     key = (repr(config), dtype, quant, *(tuple(t.shape) for t in (x, timestep, context, *extra)), tuple(sizes),
-           rank)
+           rank, ulysses)
     if key not in _FORWARDS:
         model = meta_dit(config, dtype, num_layers=1, quant=quant)
         model.set_attention_backend(backend)
         if len(sizes) > 1:
-            _emulate_split(model, sizes, rank, backend)
+            _emulate_split(model, sizes, rank, backend, ulysses)
         _FORWARDS[key] = model(x, timestep, context, *extra)
     return _FORWARDS[key]
 

@@ -90,8 +90,10 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     dit = shapes.dit
     geo = video_geometry(shapes.kind, dit, s)  # the runner's latents and tokens
     _, _, lat_h, lat_w = geo.latent
-    ulysses = resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree)
-    local_tokens = geo.tokens_per_rank(ulysses)[rank % ulysses]
+    ring = cfg.parallel.ring_degree
+    ulysses = resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree, ring)
+    seq_sizes = geo.tokens_per_rank(ulysses * ring)  # over the sequence group (ulysses x ring)
+    local_tokens = seq_sizes[rank % (ulysses * ring)]
 
     # text: the encoder on the GPU (gpu/swap) or the host (cpu) for this stage only
     te = cfg.text_encoder
@@ -132,6 +134,12 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
         from lightx2v_sp.pipeline.cache.policy import residual_bytes
 
         den.gpu["step cache residuals"] = residual_bytes(cfg, local_tokens, dit.dim, mb)
+    if ring > 1:  # ring attention: K/V block buffers and the partial outputs until the merge
+        from lightx2v_sp.attention.ring import ring_memory_bytes
+
+        den.gpu["ring attention buffers"] = ring_memory_bytes(
+            seq_sizes, ulysses, rank % (ulysses * ring) // ulysses,
+            dit.num_heads // ulysses, dit.dim // dit.num_heads, mb, cfg.parallel.comm_dtype)
 
     # decode: this rank's bands (pipeline/decode.py's layout)
     vb = DTYPE_BYTES[cfg.vae.dtype]
@@ -306,8 +314,9 @@ def main_plan(cfg, gpus: Optional[int], gpu_memory_gib: Optional[float]) -> tupl
     from lightx2v_sp.distributed.mesh import check_layout, resolve_ulysses_degree
 
     shapes = model_shapes(cfg.model)
-    check_layout(world, resolve_ulysses_degree(world, cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree),
-                 cfg.parallel.cfg_degree, shapes.dit.num_heads)
+    p = cfg.parallel
+    check_layout(world, resolve_ulysses_degree(world, p.ulysses_degree, p.cfg_degree, p.ring_degree),
+                 p.cfg_degree, shapes.dit.num_heads, ring_degree=p.ring_degree)
     gpu_bytes, source = gpu_memory_default(gpu_memory_gib)
     ranks = [plan_rank(cfg, shapes, world, r) for r in range(world)]
     return format_plan(cfg, shapes, ranks, gpu_bytes, source), fits(ranks, gpu_bytes)

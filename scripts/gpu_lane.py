@@ -9,12 +9,17 @@ runner done.
 Parts (each prints rows: name, layout, max |difference| against one GPU, seconds, pass):
 - configs:  every configs/*.yaml with its parallel, text-encoder, offload, attention and comm
             settings unchanged and the tiny model (of the same kind) swapped in at 128x128, 17
-            frames, 3 steps: on 1 GPU and on N GPUs (cfg_degree kept, ulysses_degree = N / cfg).
+            frames, 3 steps: on 1 GPU and on N GPUs (cfg_degree kept; a config's ring_degree kept where
+            it divides N / cfg; Ulysses takes the largest part of the rest that splits the tiny model's
+            12 heads, a ring the remainder: on 8 GPUs a cfg-1 config runs ulysses 4 x ring 2).
             Reference: the same config on one GPU with the plain layout (no parallelism, offload,
             compile or fp8). Difference: max |frame difference| in 8-bit levels.
 - t5:       the UMT5 encoder tp and dp against replicate over NCCL, symmetric memory off and on.
 - ulysses:  every Ulysses variant at Wan shapes (1.3B: 12 heads, 14B: 40 heads, an uneven token
             count) against the local kernel on the whole sequence; seconds per call.
+- ring:     ring attention over all N GPUs and every ulysses x ring split of N (USP), native and fp8
+            K/V blocks, at Wan shapes (14B 720p; 1.3B 480p with an uneven token count) against the
+            local kernel on the whole sequence; seconds per call and the speed-up over one rank.
 - backends: every installed attention kernel against SDPA math (fp32) on a small shape.
 Parts that need two GPUs say so on a machine with one. Results also go to <out>/lane.json.
 Exit status 1 if any row fails.
@@ -35,8 +40,9 @@ sys.path.insert(0, ROOT)
 # Pass bounds on (max, mean) |frame difference| in 8-bit levels. "exact": layouts that only move
 # data (Ulysses, CFG-parallel, offload, swap) change nothing beyond the final rounding (one level
 # was measured on 2 H200). "rounding": layouts that change floating-point rounding on purpose: fp8
-# on the wire (up to row max / 16 per value), compiled blocks in bf16, or the UMT5 tp/dp encoder in bf16 (partial sums
-# rounded to bf16 before the reduce-scatter; other GEMM shapes). The tiny model's random weights
+# on the wire (up to row max / 16 per value), compiled blocks in bf16, the UMT5 tp/dp encoder in bf16
+# (partial sums rounded to bf16 before the reduce-scatter; other GEMM shapes), or ring attention in bf16
+# (block outputs rounded to bf16 before the fp32 merge). The tiny model's random weights
 # and guidance 5 amplify a bf16-level change of the context to ~9 levels (seen on CPU), while a
 # wrong slice or exchange moves the whole video: mean differences of tens of levels.
 FRAME_LEVELS = {"exact": (2, 0.05), "rounding": (32, 2.0)}
@@ -47,7 +53,7 @@ ULYSSES_EXACT_REL = 1e-2  # bf16 kernels; an exchange bug moves outputs by O(1)
 TINY_OF = (("Wan2.2-T2V-A14B", "wan2.2-t2v-a14b"), ("Wan2.2-I2V-A14B", "wan2.2-i2v-a14b"),
            ("Wan2.2-TI2V-5B", "wan2.2-ti2v-5b"), ("Wan2.1-I2V", "wan2.1-i2v"))
 SMALL = ["sample.height=128", "sample.width=128", "sample.num_frames=17", "sample.steps=3"]
-PLAIN = ["parallel.ulysses_degree=1", "parallel.cfg_degree=1", "parallel.comm_dtype=null",
+PLAIN = ["parallel.ulysses_degree=1", "parallel.cfg_degree=1", "parallel.ring_degree=1", "parallel.comm_dtype=null",
          "parallel.a2a=all_to_all", "text_encoder.parallel=replicate", "text_encoder.device=gpu",
          "offload.dit=none", "offload.vae=gpu", "model.compile=false", "comm.symmetric_memory=false"]
 
@@ -82,12 +88,18 @@ def _config_jobs(world: int) -> tuple[list[dict], list[dict]]:
         base = [*_tiny_for(raw), *small]  # a config with a step list keeps its step count
         one.append({"name": f"{name}.ref", "config": path, "overrides": base + PLAIN})
         one.append({"name": f"{name}.1", "config": path, "ref": f"{name}.ref", "kind": _one_gpu_kind(raw),
-                    "overrides": base + ["parallel.ulysses_degree=1", "parallel.cfg_degree=1"], "layout": "1 x 1"})
+                    "overrides": base + ["parallel.ulysses_degree=1", "parallel.cfg_degree=1",
+                                         "parallel.ring_degree=1"], "layout": "1 x 1"})
         if world > 1:
             cfg = cfg_degree if world % cfg_degree == 0 else 1
-            many.append({"name": f"{name}.{world}", "config": path, "ref": f"{name}.ref", "kind": _kind(raw),
-                         "overrides": base + [f"parallel.cfg_degree={cfg}", f"parallel.ulysses_degree={world // cfg}"],
-                         "layout": f"cfg {cfg} x ulysses {world // cfg}"})
+            uly, ring = _split(world // cfg, int(OmegaConf.select(raw, "parallel.ring_degree", default=1) or 1))
+            # a ring merges bf16 partial outputs (rounded once more than one kernel's output): rounding, not exact
+            low_precision = OmegaConf.select(raw, "model.dtype", default="bf16") != "fp32"
+            kind = "rounding" if ring > 1 and low_precision else _kind(raw)
+            many.append({"name": f"{name}.{world}", "config": path, "ref": f"{name}.ref", "kind": kind,
+                         "overrides": base + [f"parallel.cfg_degree={cfg}", f"parallel.ulysses_degree={uly}",
+                                              f"parallel.ring_degree={ring}"],
+                         "layout": f"cfg {cfg} x ulysses {uly}" + (f" x ring {ring}" if ring > 1 else "")})
     return one, many
 
 
@@ -96,6 +108,15 @@ def _one_gpu_kind(raw) -> str:
     from omegaconf import OmegaConf
 
     return "rounding" if OmegaConf.select(raw, "model.compile", default=False) else "exact"
+
+
+def _split(ranks: int, ring: int, heads: int = 12) -> tuple[int, int]:
+    """(ulysses, ring) over `ranks`: the config's ring where it divides them and leaves a Ulysses degree that
+    splits the tiny model's heads, else the largest Ulysses degree that does, the ring taking the rest."""
+    if ranks % ring == 0 and heads % (ranks // ring) == 0:
+        return ranks // ring, ring
+    uly = max(u for u in range(1, ranks + 1) if ranks % u == 0 and heads % u == 0)
+    return uly, ranks // uly
 
 
 def _kind(raw) -> str:
@@ -162,7 +183,7 @@ def _run_configs(args, world: int) -> list[dict]:
 
 
 def _run_worker_part(args, part: str, world: int) -> list[dict]:
-    if world < 2 and part in ("t5", "ulysses"):
+    if world < 2 and part in ("t5", "ulysses", "ring"):
         return [{"part": part, "name": "-", "layout": "-", "diff": None, "seconds": None, "ok": None,
                  "detail": "needs 2 GPUs: not run on this machine"}]
     rc, seconds, tail = _torchrun(1 if part == "backends" else world, part, args, [])
@@ -191,8 +212,8 @@ def _table(rows: list[dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="*", default=["configs", "t5", "ulysses", "backends"],
-                    choices=["configs", "t5", "ulysses", "backends"])
+    ap.add_argument("--parts", nargs="*", default=["configs", "t5", "ulysses", "ring", "backends"],
+                    choices=["configs", "t5", "ulysses", "ring", "backends"])
     ap.add_argument("--gpus", type=int, default=None, help="ranks for the multi-GPU half (default: all GPUs)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--out", default=os.path.join(ROOT, "outputs", "gpu_lane"))
@@ -250,7 +271,7 @@ def worker_main(args) -> int:
                                 timeout=datetime.timedelta(seconds=300),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     try:
-        return {"configs": _worker_configs, "t5": _worker_t5, "ulysses": _worker_ulysses,
+        return {"configs": _worker_configs, "t5": _worker_t5, "ulysses": _worker_ulysses, "ring": _worker_ring,
                 "backends": _worker_backends}[args.worker](args, device)
     finally:
         if dist.is_initialized():
@@ -396,6 +417,73 @@ def _worker_ulysses(args, device) -> int:
         with open(os.path.join(args.out, "ulysses.json"), "w") as f:
             json.dump(rows, f)
     return 0
+
+
+def _worker_ring(args, device) -> int:
+    import functools
+
+    import torch
+    import torch.distributed as dist
+
+    from lightx2v_sp.attention import attention
+    from lightx2v_sp.attention.options import UlyssesOptions
+    from lightx2v_sp.attention.ring import usp_attention
+    from lightx2v_sp.distributed import ParallelDims, split_sizes
+
+    world = dist.get_world_size()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = [("14B 720p", 75600, 40), ("1.3B 480p uneven", 32760 + world - 1, 12)]
+    if device.type != "cuda":
+        shapes = [("14B heads", 1021, 40), ("1.3B heads uneven", 1021 + world - 1, 12)]
+    layouts = [(u, world // u) for u in range(1, world) if world % u == 0]  # ring N, then ulysses u x ring N/u
+    every_dims = {(u, r): ParallelDims(ulysses_degree=u, ring_degree=r) for u, r in layouts}  # groups: once
+    rows = []
+    for label, s, h in shapes:
+        g = torch.Generator().manual_seed(s + h)
+        q, k, v = (torch.randn(1, s, h, 128, generator=g).to(device, dtype) for _ in range(3))
+        want = attention(q, k, v)
+        t_one = _seconds(functools.partial(attention, q, k, v), device)
+        for uly, ring in layouts:
+            if h % uly:
+                continue
+            dims = every_dims[(uly, ring)]
+            sizes = split_sizes(s, world)
+            lo = sum(sizes[:dims.sp_rank])
+            local = [t[:, lo:lo + sizes[dims.sp_rank]].contiguous() for t in (q, k, v)]
+            mine = want[:, lo:lo + sizes[dims.sp_rank]]
+            for comm in (None, "fp8"):
+                options = UlyssesOptions(comm_dtype=comm)
+                call = functools.partial(usp_attention, *local, dims.ulysses_group, dims.ring_group, sizes, options)
+                out = call()
+                seconds = _seconds(call, device)
+                rel = float((out.float() - mine.float()).norm() / mine.float().norm())
+                errs = [torch.zeros(2, device=device) for _ in range(world)]
+                dist.all_gather(errs, torch.tensor([rel, seconds], device=device))
+                worst, slowest = max(float(e[0]) for e in errs), max(float(e[1]) for e in errs)
+                bound = 0.1 if comm == "fp8" else ULYSSES_EXACT_REL  # fp8: |err| <= amax / 16 per value
+                speed = f"one rank {t_one * 1e3:.1f} ms, x{t_one / slowest:.2f}"
+                name = f"{label} S={s} H={h}{' fp8' if comm else ''} ({speed})"
+                rows.append({"part": "ring", "name": name, "layout": f"ulysses {uly} x ring {ring}", "diff": worst,
+                             "unit": "rel", "bound": bound, "seconds": round(slowest, 5), "ok": worst <= bound})
+        del q, k, v, want
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out, "ring.json"), "w") as f:
+            json.dump(rows, f)
+    return 0
+
+
+def _seconds(fn, device, iters: int = 3) -> float:
+    import torch
+
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
 
 
 def _worker_backends(args, device) -> int:

@@ -144,3 +144,23 @@ def test_kernel_gets_the_exchange_buffers_as_views():
                 # token stride of the receive buffer [S, m, B, Hp, D]: m * B * Hp * D, m = 3 fused
                 assert stride[-1] == 1 and stride[1] == (48 if fuse else 16)
                 assert contiguous is not fuse  # fused: interleaved q|k|v rows, passed as they are
+
+
+def test_lse_capability_follows_the_installed_signature(fake_packages, monkeypatch):
+    # Ring attention needs each block's log-sum-exp: a FlashAttention build whose flash_attn_func has the
+    # keyword (FA4 return_lse, FA2/FA3 return_attn_probs) registers an lse form, one without does not,
+    # and `auto` for a ring skips the kernels without it.
+    fake_packages({"flash_attn/cute/__init__.py": "def flash_attn_func(q, k, v, return_lse=False):\n"
+                                                  "    return (q, 'lse') if return_lse else (q, None)\n",
+                   "flash_attn_interface.py": "def flash_attn_func(q, k, v):\n    return q, None\n"})
+    assert backends.kernel_info("flash_attn4").lse is not None and backends.kernel_info("flash_attn3").lse is None
+    assert backends.kernel_info("flash_attn").lse is None  # its pick may be FA3, which has none
+    _gpu(monkeypatch, 9)
+    assert backends.resolve_backend("auto", "cuda", torch.bfloat16) == "flash_attn4"
+    backends.unregister_backend("flash_attn4")
+    assert backends.resolve_backend("auto", "cuda", torch.bfloat16) == "flash_attn3"
+    assert backends.resolve_backend("auto", "cuda", torch.bfloat16, need_lse=True) == "sdpa_cudnn"
+    with pytest.raises(ValueError, match="'flash_attn3' does not return its log-sum-exp"):
+        backends.resolve_backend("flash_attn3", "cuda", torch.bfloat16, need_lse=True)
+    for name in ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math"):
+        assert backends.kernel_info(name).lse is not None, name

@@ -1,10 +1,14 @@
-"""GPU-only checks of the fused FP8 kernels and the local attention backends (skipped without CUDA)."""
+"""GPU-only checks of the fused FP8 kernels, the local attention backends, their log-sum-exp forms and
+the ring's Triton merge (skipped without CUDA)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightx2v_sp.attention import attention, available_backends, ulysses_attention
+from lightx2v_sp.attention import backends
 from lightx2v_sp.attention.backends import kernel_info
+from lightx2v_sp.attention.lse import math_lse
+from lightx2v_sp.attention.ring_merge import merge_partials
 from lightx2v_sp.distributed.comm_quant import dequantize_into, packed_row_bytes, quantize_into
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,3 +57,27 @@ def test_backends_agree_with_sdpa_math():
 def test_single_rank_ulysses_is_the_local_kernel():
     q, k, v = (torch.randn(1, 256, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     assert torch.equal(ulysses_attention(q, k, v, group=None), attention(q, k, v))
+
+
+def test_gpu_lse_kernels_match_math():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 8, 128, device="cuda", generator=g).bfloat16() for _ in range(3))
+    ref, ref_lse = math_lse(q.float(), k.float(), v.float())
+    for name in backends.available_backends():
+        info = backends.kernel_info(name)
+        if info.lse is None or not info.supports(q.device, q.dtype, 128):
+            continue
+        out, lse = info.lse(q, k, v)
+        # bf16 kernels: 1e-3..1e-2 relative on the output. The lse is fp32 from the same bf16 values, so
+        # only accumulation order differs (~1e-5 on |lse| ~ 5); a log2-based or unscaled lse is O(1) off
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, name
+        assert (lse - ref_lse).abs().max().item() < 1e-3, name
+
+
+def test_gpu_triton_merge_matches_torch():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    parts = [torch.randn(1, 333, 5, 128, device="cuda", generator=g).bfloat16() for _ in range(3)]
+    lses = [torch.randn(1, 5, 333, device="cuda", generator=g) for _ in range(3)]
+    fused = merge_partials(parts, lses, torch.bfloat16, impl="triton")
+    ref = merge_partials(parts, lses, torch.bfloat16, impl="torch")
+    assert (fused.float() - ref.float()).abs().max().item() <= 2 ** -7  # both fp32 inside; one bf16 rounding

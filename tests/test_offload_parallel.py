@@ -1,4 +1,4 @@
-"""Block offload under Ulysses (2 gloo ranks, uneven token split) and CFG-parallel.
+"""Block offload under Ulysses (2 gloo ranks, uneven token split), ring attention and CFG-parallel.
 
 The offload hooks only see whole blocks, so on every rank the offloaded model must reproduce
 the same rank's resident parallel model bit for bit, and both must match the unsharded
@@ -34,6 +34,7 @@ def make_inputs():
 def _rank_fn(rank, world, inputs):
     out = {}
     for layout, dims in (("ulysses", ParallelDims(ulysses_degree=world)),
+                         ("ring", ParallelDims(ulysses_degree=1, ring_degree=world)),
                          ("cfg", ParallelDims(ulysses_degree=1, cfg_degree=world))):
         x, t, ctx = inputs
         if layout == "cfg":  # each CFG rank runs its own branch: one batch item per rank
@@ -51,7 +52,7 @@ def _rank_fn(rank, world, inputs):
     return out
 
 
-def test_offload_with_ulysses_and_cfg_parallel():
+def test_offload_with_ulysses_ring_and_cfg_parallel():
     from lightx2v_sp.testing import run_on_ranks
 
     inputs = make_inputs()
@@ -62,6 +63,6 @@ def test_offload_with_ulysses_and_cfg_parallel():
         for layout, (resident, offloaded, copied) in out.items():
             for o in offloaded:
                 assert torch.equal(o, resident), (rank, layout)
-            expected = reference if layout == "ulysses" else reference[rank:rank + 1]
+            expected = reference[rank:rank + 1] if layout == "cfg" else reference
             torch.testing.assert_close(resident, expected, atol=ATOL, rtol=0)
             assert copied == list(range(LAYERS)) * 2 + [0], (rank, layout)

@@ -11,6 +11,10 @@ optional packages register only when the function we call exists and accepts the
 - `flash_attn`: the best installed FlashAttention for the device (4, 3, then 2).
 - `sage`: SageAttention, int8/fp8 quantized, so **lossy**: it runs only when named.
 
+A kernel may also carry an `lse` form (lse.py) that returns its log-sum-exp with the output:
+ring attention needs it to merge blocks of keys. Every SDPA implementation and FlashAttention
+build with the keyword has one; `resolve_backend(..., need_lse=True)` picks `auto` among those.
+
 `auto` picks the first exact kernel of a fixed preference for the GPU generation (AUTO_PREFERENCE)
 that is installed and accepts the inputs, logs the choice once and reports it through
 `resolve_backend`. External kernels are wrapped as opaque `torch.library` custom ops with a fake
@@ -26,6 +30,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from . import lse as lse_kernels
+
 logger = logging.getLogger(__name__)
 
 KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,6 +45,7 @@ class Kernel:
     supports: Supports
     exact: bool = True     # False: an approximation (quantized); `auto` never picks it
     source: str = "torch"  # the package it comes from, for logs and the run summary
+    lse: Optional[lse_kernels.LseFn] = None  # the same kernel returning (out, log-sum-exp): lse.py
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -62,9 +69,10 @@ INSTALL_HINTS = {
 
 
 def register_backend(name: str, kernel: KernelFn, supports: Optional[Supports] = None, *, exact: bool = True,
-                     source: str = "user") -> None:
-    """Add (or replace) a kernel. `supports(device, dtype, head_dim)` defaults to everything."""
-    _KERNELS[name] = Kernel(name, kernel, supports or (lambda device, dtype, head_dim: True), exact, source)
+                     source: str = "user", lse: Optional[lse_kernels.LseFn] = None) -> None:
+    """Add (or replace) a kernel. `supports(device, dtype, head_dim)` defaults to everything; `lse`
+    is its form that also returns the log-sum-exp (ring attention runs only kernels that have one)."""
+    _KERNELS[name] = Kernel(name, kernel, supports or (lambda device, dtype, head_dim: True), exact, source, lse)
     _auto_choice.clear()
 
 
@@ -113,18 +121,20 @@ def _sdpa_pinned(backend):
 
 
 def _register_sdpa() -> None:
-    register_backend("sdpa", _sdpa, source="torch")
+    register_backend("sdpa", _sdpa, source="torch", lse=lse_kernels.sdpa_lse)
     try:
         from torch.nn.attention import SDPBackend
     except ImportError:  # older torch: plain sdpa only
         return
     half = lambda device, dtype, head_dim: _half_on_cuda(device, dtype)  # noqa: E731
-    for name, member, supports in (("sdpa_cudnn", "CUDNN_ATTENTION", half),
-                                   ("sdpa_flash", "FLASH_ATTENTION", half),
-                                   ("sdpa_efficient", "EFFICIENT_ATTENTION", lambda d, t, h: d.type == "cuda"),
-                                   ("sdpa_math", "MATH", None)):
+    cuda = lambda device, dtype, head_dim: device.type == "cuda"  # noqa: E731
+    lk = lse_kernels
+    for name, member, supports, lse in (("sdpa_cudnn", "CUDNN_ATTENTION", half, lk.torch_cudnn_lse),
+                                        ("sdpa_flash", "FLASH_ATTENTION", half, lk.torch_flash_lse),
+                                        ("sdpa_efficient", "EFFICIENT_ATTENTION", cuda, lk.torch_efficient_lse),
+                                        ("sdpa_math", "MATH", None, lk.math_lse)):
         if hasattr(SDPBackend, member):
-            register_backend(name, _sdpa_pinned(getattr(SDPBackend, member)), supports, source="torch")
+            register_backend(name, _sdpa_pinned(getattr(SDPBackend, member)), supports, source="torch", lse=lse)
 
 
 _OPAQUE_IMPLS: dict[str, KernelFn] = {}
@@ -178,7 +188,7 @@ def _register_flash() -> None:
         if fn is None:
             continue
         register_backend(name, _opaque(name, lambda q, k, v, fn=fn: _first(fn(q, k, v))), _flash_supports(majors),
-                         source=module)
+                         source=module, lse=lse_kernels.flash_lse(fn))
         found.append(name)
     if found:
         def best(device, dtype, head_dim):
@@ -187,7 +197,12 @@ def _register_flash() -> None:
         def flash(q, k, v):
             return _KERNELS[best(q.device, q.dtype, q.shape[-1])].fn(q, k, v)
 
-        register_backend("flash_attn", flash, lambda d, t, h: best(d, t, h) is not None, source="flash_attn")
+        def flash_lse(q, k, v):
+            return _KERNELS[best(q.device, q.dtype, q.shape[-1])].lse(q, k, v)
+
+        every_lse = all(_KERNELS[n].lse is not None for n in found)
+        register_backend("flash_attn", flash, lambda d, t, h: best(d, t, h) is not None, source="flash_attn",
+                         lse=flash_lse if every_lse else None)
 
 
 def _register_sage() -> None:
@@ -207,19 +222,26 @@ def discover() -> None:
     _register_sage()
 
 
-def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128) -> str:
-    """The registered kernel that `name` runs as for such inputs (`auto` resolved), or a ValueError."""
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int = 128,
+                    need_lse: bool = False) -> str:
+    """The registered kernel that `name` runs as for such inputs (`auto` resolved), or a ValueError.
+
+    `need_lse`: the kernel must also return its log-sum-exp (ring attention); `auto` then picks the
+    first of its preference that does.
+    """
     device = torch.device(device)
     if name == "auto":
-        key = (device.type, device.index, dtype, head_dim)
+        key = (device.type, device.index, dtype, head_dim, need_lse)
         choice = _auto_choice.get(key)
         if choice is None:
             order = AUTO_PREFERENCE[generation(device)]
             choice = next(n for n in order + ("sdpa",)
-                          if n in _KERNELS and _KERNELS[n].exact and _KERNELS[n].supports(device, dtype, head_dim))
+                          if n in _KERNELS and _KERNELS[n].exact and _KERNELS[n].supports(device, dtype, head_dim)
+                          and (_KERNELS[n].lse is not None or not need_lse))
             _auto_choice[key] = choice
-            logger.info("attention backend auto -> %s (%s; %s %s, head_dim %d)", choice, _KERNELS[choice].source,
-                        device, dtype, head_dim)
+            logger.info("attention backend auto%s -> %s (%s; %s %s, head_dim %d)",
+                        " (with log-sum-exp, for ring attention)" if need_lse else "", choice,
+                        _KERNELS[choice].source, device, dtype, head_dim)
         return choice
     if name not in _KERNELS:
         hint = f"; {INSTALL_HINTS[name]}" if name in INSTALL_HINTS else ""
@@ -228,7 +250,19 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype, h
     if not _KERNELS[name].supports(device, dtype, head_dim):
         raise ValueError(f"attention backend {name!r} cannot run {dtype} tensors with head_dim {head_dim} on "
                          f"{device}; use attention.backend=auto or sdpa")
+    if need_lse:
+        require_lse(name)
     return name
+
+
+def require_lse(name: str) -> None:
+    """ValueError when the kernel called `name` cannot return its log-sum-exp (`auto` always can)."""
+    if name == "auto" or name not in _KERNELS or _KERNELS[name].lse is not None:
+        return
+    with_lse = [n for n in available_backends() if _KERNELS[n].lse is not None]
+    raise ValueError(f"attention backend {name!r} does not return its log-sum-exp, which ring attention "
+                     f"(parallel.ring_degree > 1) needs to merge blocks of keys; use attention.backend=auto or "
+                     f"one of {with_lse}")
 
 
 def get_backend(name: str, q: torch.Tensor) -> KernelFn:
@@ -239,6 +273,16 @@ def get_backend(name: str, q: torch.Tensor) -> KernelFn:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Full (non-causal) attention of one rank's tensors: [B, S, H, D] in, [B, S, H, D] out."""
     return get_backend(backend, q)(q, k, v)
+
+
+def get_lse_backend(name: str, q: torch.Tensor) -> lse_kernels.LseFn:
+    """The LSE form of the kernel called `name` (`auto`: the fastest exact kernel that has one)."""
+    return _KERNELS[resolve_backend(name, q.device, q.dtype, q.shape[-1], need_lse=True)].lse
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"):
+    """(out [B, S_q, H, D], lse [B, H, S_q] fp32) of q against one block of keys k, v [B, S_k, H, D]."""
+    return get_lse_backend(backend, q)(q, k, v)
 
 
 discover()

@@ -34,13 +34,13 @@ def _offsets(sizes: list[int]) -> list[int]:
     return out
 
 
-def _check(q, k, v, size, rank, seq_sizes):
+def _check(q, k, v, size, rank, seq_sizes, what: str = "ulysses_attention", split_heads: bool = True):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"ulysses_attention expects q, k, v of one shape [B, S_local, H, D]; got "
+        raise ValueError(f"{what} expects q, k, v of one shape [B, S_local, H, D]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[2] % size:
+    if split_heads and q.shape[2] % size:
         raise heads_error(q.shape[2], size, dist.get_world_size())
     if len(seq_sizes) != size or seq_sizes[rank] != q.shape[1]:
         raise ValueError(f"seq_sizes={list(seq_sizes)} does not describe a group of {size} where rank {rank} "
@@ -51,7 +51,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.flo
 _agreed_layouts: set = set()
 
 
-def _check_agreement(q, group, size, seq_sizes, options: UlyssesOptions):
+def _check_agreement(q, group, size, seq_sizes, options: UlyssesOptions, what: str = "ulysses_attention"):
     """Ranks that disagree on the layout would crash or hang inside the exchange; check once per layout.
 
     Each rank gathers every rank's (B, H, D, dtype, variant, seq_sizes). A new layout costs one small
@@ -71,7 +71,7 @@ def _check_agreement(q, group, size, seq_sizes, options: UlyssesOptions):
     rows = [tuple(t.tolist()) for t in every]
     if any(r != rows[0] for r in rows):
         names = "(batch, heads, head_dim, dtype code, a2a, fuse_qkv, comm_dtype codes, seq_sizes...)"
-        raise ValueError(f"ulysses_attention: the ranks of the group disagree on the layout {names}: "
+        raise ValueError(f"{what}: the ranks of the group disagree on the layout {names}: "
                          + "; ".join(f"rank {i}: {r}" for i, r in enumerate(rows))
                          + ". Every rank must pass the same seq_sizes, shapes, dtype and variant")
     _agreed_layouts.add(key)
@@ -96,7 +96,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
 # Under torch.compile (model.compile) the exchanges stay eager: dynamo breaks the graph around this
 # call instead of tracing point-to-point and split-size collectives it cannot capture.
 @torch.compiler.disable
-def _ulysses(q, k, v, group, size, seq_sizes, options: UlyssesOptions):
+def _ulysses(q, k, v, group, size, seq_sizes, options: UlyssesOptions, local=None):
+    """`local(q, k, v)` replaces the local kernel on the scattered heads (ring.py: the ring over the
+    other Ulysses groups, for USP)."""
     rank = dist.get_rank(group)
     seq_sizes = list(seq_sizes) if seq_sizes is not None else [q.shape[1]] * size
     _check(q, k, v, size, rank, seq_sizes)
@@ -105,7 +107,7 @@ def _ulysses(q, k, v, group, size, seq_sizes, options: UlyssesOptions):
     groups = [(q, k, v)] if options.fuse_qkv else [(q,), (k,), (v,)]
     full = [t for g in groups for t in _scatter_heads(g, group, size, seq_sizes, options)]
     # [B, S, Hp, D] each: the local kernel sees the whole sequence for its heads
-    out = attention(*full, backend=options.backend)
+    out = local(*full) if local is not None else attention(*full, backend=options.backend)
     return _gather_heads(out, group, size, rank, seq_sizes, options)
 
 

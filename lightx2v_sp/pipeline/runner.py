@@ -91,7 +91,7 @@ def _preflight(cfg, device: torch.device):
     check_text_encoder_layout(cfg.text_encoder, device, world)
     paths = model_paths_for(cfg.model)
     check_loras(cfg)
-    check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
+    check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads, ring_degree=cfg.parallel.ring_degree)
     kind = detect_kind(paths)
     check_inputs(kind, cfg)
     cache = settings_for_run(cfg, kind, paths)
@@ -104,7 +104,8 @@ def _preflight(cfg, device: torch.device):
 
 
 def _ulysses(cfg) -> int:
-    return resolve_ulysses_degree(job_size_rank()[0], cfg.parallel.ulysses_degree, cfg.parallel.cfg_degree)
+    p = cfg.parallel
+    return resolve_ulysses_degree(job_size_rank()[0], p.ulysses_degree, p.cfg_degree, p.ring_degree)
 
 
 def _comm_summary(per_rank: list[dict]) -> dict:
@@ -130,9 +131,10 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     with stages("preflight"):
         paths, out_path, kind, cache, shapes, geometry = agreed("preflight", lambda: _preflight(cfg, device))
-        dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s)
-    log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
-             dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
+        dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s,
+                            ring_degree=cfg.parallel.ring_degree)
+    log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s) x ring %d, device %s, model %s", world, dims.cfg_degree,
+             dims.ulysses_degree, cfg.parallel.a2a, dims.ring_degree, device, paths.root)
 
     with stages("text"):
         contexts = encode_prompts(cfg, paths, dims, device, dtype)
@@ -151,7 +153,9 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
                 raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
                                  f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
             # before the progress bar: `auto` logs its pick here, and the summary records it
-            kernel = resolve_backend(cfg.attention.backend, device, dtype, model.config.dim // model.config.num_heads)
+            # (with a ring, the self-attention's kernel must return its log-sum-exp)
+            kernel = resolve_backend(cfg.attention.backend, device, dtype, model.config.dim // model.config.num_heads,
+                                     need_lse=dims.ring_degree > 1)
             return models, vae, kernel
         models, vae, kernel = agreed("loading the DiT", load)
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
@@ -243,7 +247,8 @@ def _summary(cfg, dims, device, paths, shape, stages: _Stages, per_rank: list[di
         "summary_path": summary_path(out_path),
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "layout": {"world_size": dims.world_size, "ulysses_degree": dims.ulysses_degree,
-                   "cfg_degree": dims.cfg_degree, "a2a": cfg.parallel.a2a, "fuse_qkv": cfg.parallel.fuse_qkv,
+                   "cfg_degree": dims.cfg_degree, "ring_degree": dims.ring_degree, "a2a": cfg.parallel.a2a,
+                   "fuse_qkv": cfg.parallel.fuse_qkv,
                    "comm_dtype": cfg.parallel.comm_dtype, **effective_layout(cfg, device, kernel),
                    "device": str(device), "process_group": dist.get_backend() if dims.world_size > 1 else None,
                    "nodes": max(1, dims.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", dims.world_size)))},

@@ -8,7 +8,9 @@ are the table SEQUENCE_PLAN below, installed as forward hooks:
   the global positions of the slice;
 - per-token timesteps (Wan2.2 TI2V, [B, S]) are cut like the tokens, before the time embedding,
   so the modulation of each token stays with it;
-- self-attention is Ulysses attention (heads scattered, whole sequence per head group);
+- self-attention is Ulysses attention (heads scattered, whole sequence per head group), or with
+  ring_degree > 1 Ulysses x ring (attention/ring.py: the tokens are split over the whole sequence
+  group of ulysses x ring ranks, and K/V blocks travel around the ring);
   cross-attention, the FFN and the modulation are per-token and run on the slice unchanged;
 - the output is gathered after the head: the head is per-token too, so gathering its output
   moves out_dim * prod(patch) = 64 values per token instead of dim (24x fewer bytes for the
@@ -21,7 +23,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from lightx2v_sp.attention import ulysses_attention
+from lightx2v_sp.attention.backends import require_lse
 from lightx2v_sp.attention.options import UlyssesOptions
+from lightx2v_sp.attention.ring import usp_attention
 from lightx2v_sp.distributed import ParallelDims, gather_sequence, shard_sequence
 
 from .model import WanModel
@@ -29,9 +33,14 @@ from .model import WanModel
 
 @dataclass
 class SequenceShard:
-    """This rank's place in the Ulysses group, and the token split of the forward in flight."""
+    """This rank's place in the sequence group, and the token split of the forward in flight.
+
+    `group` splits the tokens (ParallelDims.sp_group); with a ring, `ulysses_group` and `ring_group`
+    are its two axes (None: no ring, `group` is the Ulysses group)."""
     group: object
     sizes: list[int] = field(default_factory=list)
+    ulysses_group: object = None
+    ring_group: object = None
 
 
 class UlyssesSelfAttention:
@@ -45,8 +54,12 @@ class UlyssesSelfAttention:
         return UlyssesSelfAttention(self.shard, replace(self.options, backend=backend))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        shard = self.shard
+        if shard.ring_group is not None:
+            # [B, S/P, H, D] -> all_to_all -> [B, S_chunk, H/U, D] -> ring -> all_to_all -> [B, S/P, H, D]
+            return usp_attention(q, k, v, shard.ulysses_group, shard.ring_group, shard.sizes, self.options)
         # [B, S/P, H, D] -> all_to_all -> [B, S, H/P, D] -> local attention -> all_to_all -> [B, S/P, H, D]
-        return ulysses_attention(q, k, v, group=self.shard.group, seq_sizes=self.shard.sizes, options=self.options)
+        return ulysses_attention(q, k, v, group=shard.group, seq_sizes=shard.sizes, options=self.options)
 
 
 def _split_tokens(shard: SequenceShard):
@@ -102,7 +115,8 @@ SEQUENCE_PLAN = (
 def parallelize_wan(model: WanModel, dims: ParallelDims, a2a: str = "all_to_all", fuse_qkv: bool = True,
                     comm_dtype: str | None = None, backend: str = "auto",
                     options: UlyssesOptions | None = None) -> WanModel:
-    """Install sequence parallelism over `dims.sp_group` (the CFG axis belongs to the runner).
+    """Install sequence parallelism over `dims.sp_group`: Ulysses, x ring when dims.ring_degree > 1 (the
+    CFG axis belongs to the runner).
 
     The variant is `options` (the runner passes `UlyssesOptions.from_config(cfg)`), or else the four
     loose keywords. The local kernel of every attention (self and cross) is chosen here too.
@@ -117,6 +131,9 @@ def parallelize_wan(model: WanModel, dims: ParallelDims, a2a: str = "all_to_all"
         return model
     dims.check_heads(model.config.num_heads)
     shard = SequenceShard(group=dims.sp_group)
+    if dims.ring_degree > 1:
+        require_lse(options.backend)  # before the first forward, not inside it
+        shard.ulysses_group, shard.ring_group = dims.ulysses_group, dims.ring_group
     for block in model.blocks:
         block.self_attn.attn_fn = UlyssesSelfAttention(shard, options)
     model._sequence_hooks = [
