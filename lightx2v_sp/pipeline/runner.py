@@ -20,11 +20,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lightx2v_sp.attention import resolve_backend
 from lightx2v_sp.config import to_dict
 from lightx2v_sp.distributed import CommStats, ParallelDims, check_layout, resolve_ulysses_degree
 from lightx2v_sp.distributed.groups import job_size_rank
-from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
+from lightx2v_sp.models.vae import to_uint8_frames
 from lightx2v_sp.offload import StageMemory
 from lightx2v_sp.plan import check_before_loading, plan_summary
 
@@ -33,15 +32,15 @@ from .conditioning import image_inputs, needs_image_stage
 from .decode import decode_rows, gather_video, vae_on_every_rank
 from .denoise import denoise
 from .effective import effective_layout
-from .experts import install_experts, load_experts
+from .experts import install_experts
 from .finite import check_video
 from .image import open_image
 from .kind import boundary_ratio, check_inputs, detect_kind
 from .latents import initial_latents, latent_shape
-from .loading import load_checked
 from .loras import check_loras
 from .output import check_ours, check_video_writer, check_writable, summary_path, write_summary, write_video
 from .paths import model_paths_for
+from .prefetch import Loader, load_alongside_text, load_models
 from .rank0_stage import rank0_stage
 from .text import check_text_encoder_layout, encode_prompts
 
@@ -128,26 +127,18 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
 
-    with stages("text"):
-        contexts = encode_prompts(cfg, paths, dims, device, dtype)
+    # the DiT and VAE reads overlap the text stage (prefetch.py: no collective in the thread)
+    loader = Loader(lambda: load_models(cfg, paths, kind, device, dtype, load_vae=rank == 0 or split_decode),
+                    device, load_alongside_text(cfg, device, world, rank, paths.root, len(kind.experts)))
+    try:
+        with stages("text"):
+            contexts = encode_prompts(cfg, paths, dims, device, dtype)
+    except Exception:
+        loader.abandon()
+        raise
 
     with stages("load"):
-        def load():
-            models = load_checked("DiT", paths.dit, lambda: load_experts(kind.experts, cfg, device, dtype),
-                                  weights=torch.nn.ModuleList)
-            model = models[0]
-            vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
-                               weights=lambda v: v.vae) if rank == 0 or split_decode else None
-            if vae is not None and vae.z_dim != model.config.out_dim:
-                raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
-                                 f"{paths.dit} denoises out_dim={model.config.out_dim}; they are not one model")
-            if vae is not None and (vae.temporal_stride, vae.spatial_stride) != kind.vae_strides:
-                raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
-                                 f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
-            # before the progress bar: `auto` logs its pick here, and the summary records it
-            kernel = resolve_backend(cfg.attention.backend, device, dtype, model.config.dim // model.config.num_heads)
-            return models, vae, kernel
-        models, vae, kernel = agreed("loading the DiT", load)
+        models, vae, kernel = agreed("loading the DiT", loader.result)
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
 
     s = cfg.sample
@@ -212,6 +203,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
         result.summary["memory_plan"] = plan_summary(cfg, world, root=paths.root)
+        result.summary["prefetch"] = loader.summary()
         write_summary(result.summary, out_path)
 
     rank0_stage("decoding and writing the video", finish, cfg.comm.timeout_s)  # heartbeat, not a timeout
