@@ -90,6 +90,9 @@ class AttentionConfig:
                               "(FlashAttention-4, -3, cuDNN SDPA, FlashAttention-2, SDPA); flash_attn = the best "
                               "installed FlashAttention; sdpa_* pin one of PyTorch's SDPA implementations; "
                               "sage is quantized (lossy) and runs only when named", BACKEND_CHOICES)
+    warmup: bool = _f(True, "call the kernel once on the run's shapes while the text stage runs: FlashAttention-4 "
+                            "compiles there (or loads from its disk cache) instead of in step 1, and is checked "
+                            "against SDPA (auto falls back when it fails)")
 
 
 @dataclass

@@ -26,6 +26,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .kernel_cache import enable_fa4_disk_cache
+
 logger = logging.getLogger(__name__)
 
 KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -231,6 +233,17 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype, h
     return name
 
 
+def auto_fallback(device: torch.device | str, dtype: torch.dtype, head_dim: int, failed: str) -> str:
+    """`auto`'s next choice after `failed` could not run (kernel_cache.prepare_kernel); from now on
+    `auto` resolves to it for such inputs."""
+    device = torch.device(device)
+    order = AUTO_PREFERENCE[generation(device)] + ("sdpa",)
+    choice = next(n for n in order if n != failed and n in _KERNELS and _KERNELS[n].exact
+                  and _KERNELS[n].supports(device, dtype, head_dim))
+    _auto_choice[(device.type, device.index, dtype, head_dim)] = choice
+    return choice
+
+
 def get_backend(name: str, q: torch.Tensor) -> KernelFn:
     """The kernel called `name` (or the `auto` pick for tensors like `q`)."""
     return _KERNELS[resolve_backend(name, q.device, q.dtype, q.shape[-1])].fn
@@ -241,4 +254,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     return get_backend(backend, q)(q, k, v)
 
 
+enable_fa4_disk_cache()  # before discover() imports flash_attn.cute, which reads the setting once
 discover()

@@ -17,6 +17,7 @@ before it. The rules that keep a multi-rank job as safe as without the thread:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Callable, Generic, Optional, TypeVar
@@ -24,9 +25,11 @@ from typing import Callable, Generic, Optional, TypeVar
 import torch
 
 from lightx2v_sp.attention import resolve_backend
+from lightx2v_sp.attention.kernel_cache import attention_shapes, prepare_kernel
 from lightx2v_sp.models.vae import WanVAE
 
 from .experts import load_experts
+from .latents import latent_shape
 from .loading import load_checked
 
 log = logging.getLogger("lightx2v_sp")
@@ -129,9 +132,10 @@ def load_alongside_text(cfg, device: torch.device, world: int, rank: int, root: 
     return fits
 
 
-def load_models(cfg, paths, kind, device: torch.device, dtype: torch.dtype, load_vae: bool):
+def load_models(cfg, paths, kind, device: torch.device, dtype: torch.dtype, load_vae: bool, ulysses: int = 1):
     """(the DiT(s), the VAE or None, the attention kernel's name): what the denoise and decode stages
-    need. Runs no collective (the Loader's thread may run it); its errors are the caller's to agree on."""
+    need, the kernel ready to run (attention/kernel_cache.py). Runs no collective (the Loader's thread
+    may run it); its errors are the caller's to agree on."""
     from .runner import DTYPES
 
     models = load_checked("DiT", paths.dit, lambda: load_experts(kind.experts, cfg, device, dtype),
@@ -146,5 +150,12 @@ def load_models(cfg, paths, kind, device: torch.device, dtype: torch.dtype, load
         raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
                          f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
     # before the progress bar: `auto` logs its pick here, and the summary records it
-    kernel = resolve_backend(cfg.attention.backend, device, dtype, model.config.dim // model.config.num_heads)
+    head_dim = model.config.dim // model.config.num_heads
+    kernel = resolve_backend(cfg.attention.backend, device, dtype, head_dim)
+    if cfg.attention.warmup:
+        s = cfg.sample
+        grid = latent_shape(model.config.out_dim, s.num_frames, s.height, s.width, *kind.vae_strides)[1:]
+        tokens = math.prod(n // p for n, p in zip(grid, model.config.patch_size))
+        kernel = prepare_kernel(kernel, cfg.attention.backend, device, dtype, head_dim,
+                                attention_shapes(tokens, ulysses, cfg.text_encoder.text_len))
     return models, vae, kernel

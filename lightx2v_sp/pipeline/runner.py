@@ -128,8 +128,9 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
 
     # the DiT and VAE reads overlap the text stage (prefetch.py: no collective in the thread)
-    loader = Loader(lambda: load_models(cfg, paths, kind, device, dtype, load_vae=rank == 0 or split_decode),
-                    device, load_alongside_text(cfg, device, world, rank, paths.root, len(kind.experts)))
+    alongside = load_alongside_text(cfg, device, world, rank, paths.root, len(kind.experts))
+    loader = Loader(lambda: load_models(cfg, paths, kind, device, dtype, rank == 0 or split_decode,
+                                        dims.ulysses_degree), device, alongside)
     try:
         with stages("text"):
             contexts = encode_prompts(cfg, paths, dims, device, dtype)
