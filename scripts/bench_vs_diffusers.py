@@ -156,6 +156,9 @@ def _ours(args, steps: int, out: str) -> tuple[float, dict]:
     stages["inside"] = summary["total_time_s"]  # run() itself; wall - inside = imports, CUDA init, teardown
     stages["step_times_s"] = summary["denoise"].get("step_times_s")
     stages["attention_backend"] = summary["layout"].get("attention_backend")
+    for key in ("median_step_s", "first_step_extra_s"):  # per step once warm; what step 1 paid once
+        stages[key] = summary["denoise"].get(key)
+    stages["load_alongside_text_s"] = (summary.get("prefetch") or {}).get("load_s")
     return wall, stages
 
 
@@ -218,7 +221,7 @@ def _median(rows, side, steps) -> float:
 def _report(rows: list[dict], args) -> None:
     print("\n| side | steps | rep | first | wall s | stages (s) |\n|---|---:|---:|---|---:|---|")
     for r in rows:
-        st = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if isinstance(v, (int, float)))
+        st = ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items() if isinstance(v, (int, float)))
         print(f"| {r['side']} | {r['steps']} | {r['rep']} | {r['first']} | {r['wall_s']:.2f} | {st} |")
     lo, hi = min(args.steps), max(args.steps)
     summary = {}

@@ -135,3 +135,33 @@ def test_loading_alongside_the_text_stage_gives_the_same_video(tmp_path, monkeyp
         results[alongside] = run(cfg, torch.device("cpu"), progress=False)
         assert results[alongside].summary["prefetch"]["alongside_text"] is alongside
     assert torch.equal(results[True].latents, results[False].latents)
+
+
+def test_rope_tables_are_built_once_per_grid():
+    from lightx2v_sp.models.wan import WanConfig
+    from lightx2v_sp.models.wan.model import RotaryEmbedding
+
+    rope = RotaryEmbedding(WanConfig.tiny())
+    first = rope((3, 4, 5), torch.device("cpu"))
+    assert rope((3, 4, 5), torch.device("cpu")) is first  # the next step reuses them
+    fresh = rope._tables((3, 4, 5), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh))
+    other = rope((2, 4, 5), torch.device("cpu"))
+    assert other[0].shape[0] == 40 and other is not first
+
+
+def test_first_step_cost():
+    from lightx2v_sp.pipeline.step_times import first_step_cost
+
+    assert first_step_cost([3.0, 1.0, 1.2, 1.1]) == {"median_step_s": 1.1, "first_step_extra_s": 1.9}
+    assert first_step_cost([3.0]) == {"median_step_s": None, "first_step_extra_s": None}
+
+
+def test_compile_cache_goes_under_our_cache_unless_set(tmp_path, monkeypatch):
+    from lightx2v_sp.cache_dir import enable_compile_cache
+
+    monkeypatch.setenv("LIGHTX2V_SP_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert enable_compile_cache() == str(tmp_path / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert enable_compile_cache() == "/elsewhere"

@@ -42,6 +42,7 @@ from .output import check_ours, check_video_writer, check_writable, summary_path
 from .paths import model_paths_for
 from .prefetch import Loader, load_alongside_text, load_models
 from .rank0_stage import rank0_stage
+from .step_times import first_step_cost
 from .text import check_text_encoder_layout, encode_prompts
 
 log = logging.getLogger("lightx2v_sp")
@@ -154,6 +155,10 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
                           stats=denoise_stats, **image)
     experts.release()
+    once = first_step_cost(denoise_stats["step_times_s"])
+    if once["median_step_s"] is not None:
+        log.info("denoise: %.3fs per step after the first, which took %.2fs more (compilation, first-use kernels)",
+                 once["median_step_s"], once["first_step_extra_s"])
     lora_summary = [entry for m in models for entry in getattr(m, "lora_summary", [])]
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
@@ -195,7 +200,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len,
                                   "cut_tokens": cut_tokens}  # beyond text_len, per prompt (warned)
-        result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
+        result.summary["denoise"] = {**denoise_stats, **once,
+                                     "guidance_scale": s.guidance_scale,
                                      "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
                                              "with sequential CFG, one per rank per step with cfg_degree 2)"}
