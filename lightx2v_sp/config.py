@@ -98,8 +98,8 @@ class AttentionConfig:
 @dataclass
 class TextEncoderConfig:
     parallel: str = _f("replicate", "UMT5 layout over the ranks", ["replicate", "tp", "dp"])
-    device: str = _f("gpu", "where the encoder lives: gpu, cpu (runs there) or swap (GPU only for its stage)",
-                     ["gpu", "cpu", "swap"])
+    device: str = _f("gpu", "where the encoder runs: gpu or swap (read from disk straight to the GPU for the text "
+                            "stage, freed after it: the same in a one-shot run) or cpu", ["gpu", "cpu", "swap"])
     text_len: int = _f(512, "tokens per prompt (Wan2.1 uses 512)")
 
 

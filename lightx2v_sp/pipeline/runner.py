@@ -130,13 +130,15 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
 
     # the DiT and VAE reads overlap the text stage (prefetch.py: no collective in the thread)
     alongside = load_alongside_text(cfg, device, world, rank, paths.root, len(kind.experts))
-    loader = Loader(lambda: load_models(cfg, paths, kind, device, dtype, rank == 0 or split_decode,
-                                        dims.ulysses_degree), device, alongside)
+    loader = None
     try:
         with stages("text"):
+            loader = Loader(lambda: load_models(cfg, paths, kind, device, dtype, rank == 0 or split_decode,
+                                                dims.ulysses_degree), device, alongside)
             contexts = encode_prompts(cfg, paths, dims, device, dtype)
     except Exception:
-        loader.abandon()
+        if loader is not None:
+            loader.abandon()
         raise
 
     with stages("load"):
