@@ -127,12 +127,17 @@ def test_text_encoder_is_read_to_where_it_runs():
         assert load_device(cfg.text_encoder, cpu) == cpu
 
 
-def test_loading_alongside_the_text_stage_gives_the_same_video(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_loading_alongside_the_text_stage_gives_the_same_video(tmp_path, monkeypatch, device):
+    # on CUDA: the loader thread's own stream, the encoder read straight to the GPU, the weights handed over
     results = {}
     for alongside in (True, False):
         monkeypatch.setattr("lightx2v_sp.pipeline.runner.load_alongside_text", lambda *a, _v=alongside: _v)
-        cfg = load_config(CONFIG, [f"output.path={tmp_path}/v_{alongside}.mp4", "sample.steps=2"])
-        results[alongside] = run(cfg, torch.device("cpu"), progress=False)
+        cfg = load_config(CONFIG, [f"output.path={tmp_path}/v_{alongside}.mp4", "sample.steps=2",
+                                   f"device={device}", "text_encoder.device=gpu"])
+        results[alongside] = run(cfg, torch.device(device, 0) if device == "cuda" else torch.device(device),
+                                 progress=False)
         assert results[alongside].summary["prefetch"]["alongside_text"] is alongside
     assert torch.equal(results[True].latents, results[False].latents)
 
