@@ -95,7 +95,8 @@ def test_fa4_disk_cache_is_switched_on_before_import(tmp_path, monkeypatch):
     assert kernel_cache.enable_fa4_disk_cache() is None
 
 
-def test_loader_hands_its_error_to_the_caller_and_abandon_waits():
+def test_loader_hands_its_error_to_the_caller_and_abandon_waits(monkeypatch):
+    monkeypatch.setattr(prefetch, "import_shared_packages", lambda: None)  # (diffusers' import: seconds)
     started, release = threading.Event(), threading.Event()
 
     def load():
@@ -170,3 +171,16 @@ def test_compile_cache_goes_under_our_cache_unless_set(tmp_path, monkeypatch):
     assert enable_compile_cache() == str(tmp_path / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     assert enable_compile_cache() == "/elsewhere"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_check_finds_every_nan_and_inf(dtype):
+    from lightx2v_sp.pipeline.finite import _all_finite
+
+    x = torch.randn(33, 65).to(dtype)
+    assert bool(_all_finite(x)) and bool(_all_finite(x[:0]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (17, 40), (32, 64)):
+            y = x.clone()
+            y[where] = bad
+            assert not bool(_all_finite(y)), (bad, where)
