@@ -184,3 +184,19 @@ def test_weight_check_finds_every_nan_and_inf(dtype):
             y = x.clone()
             y[where] = bad
             assert not bool(_all_finite(y)), (bad, where)
+
+
+def test_parallel_copy_fills_every_destination_and_raises_read_errors():
+    from lightx2v_sp.models.parallel_copy import copy_all
+
+    src = [torch.randn(n, 7) for n in (5, 40, 3, 17, 9)]
+    weight = torch.nn.Parameter(torch.empty(sum(t.shape[0] for t in src), 7))  # in-place under no_grad
+    rows = torch.tensor([0] + [t.shape[0] for t in src]).cumsum(0).tolist()
+    jobs = [(weight.narrow(0, a, b - a), lambda t=t: t) for t, a, b in zip(src, rows, rows[1:])]
+    copy_all(jobs, workers=3)
+    assert torch.equal(weight.detach(), torch.cat(src))
+
+    def truncated():
+        raise OSError("unexpected end of file")
+    with pytest.raises(OSError, match="end of file"):
+        copy_all(jobs[:2] + [(torch.empty(1), truncated)], workers=3)

@@ -1,9 +1,9 @@
 """Read and write Wan2.1 DiT checkpoints: the official layout and the diffusers layout.
 
 Loading builds the model on the meta device, allocates it once (uninitialised) in the target
-dtype and device, then copies tensor by tensor out of the memory-mapped safetensors files: the
-only extra memory is one source tensor at a time. Everything is validated (missing, unexpected,
-wrong shape) from the file headers before a byte of weights is read.
+dtype and device, then copies tensor by tensor out of the memory-mapped safetensors files, a few
+at a time (parallel_copy.py): the only extra memory is the source tensors being copied. Everything
+is validated (missing, unexpected, wrong shape) from the file headers before a byte of weights is read.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..parallel_copy import copy_all
 from ..safetensors_io import save_safetensors
 from .config import WanConfig
 from .keymap import native_pieces
@@ -134,11 +135,9 @@ def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None) ->
         if skip is not None and skip(name):
             continue
         by_file.setdefault(where[key][0], []).append((name, where[key][1], start, rows))
-    with torch.no_grad():
-        for file, pieces in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name, stored, start, rows in pieces:
-                    params[name].narrow(0, start, rows).copy_(f.get_tensor(stored))
+    handles = {file: safe_open(file, framework="pt", device="cpu") for file in by_file}
+    copy_all([(params[name].narrow(0, start, rows), lambda f=handles[file], stored=stored: f.get_tensor(stored))
+              for file, pieces in by_file.items() for name, stored, start, rows in pieces])
     return model.eval()
 
 
