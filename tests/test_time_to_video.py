@@ -200,3 +200,19 @@ def test_parallel_copy_fills_every_destination_and_raises_read_errors():
         raise OSError("unexpected end of file")
     with pytest.raises(OSError, match="end of file"):
         copy_all(jobs[:2] + [(torch.empty(1), truncated)], workers=3)
+
+
+def test_prepare_kernel_keeps_a_kernel_whose_first_call_only_failed_to_cache(registry, caplog):
+    calls = []
+
+    def kernel(q, k, v):  # FA4: the kernel is in memory, the disk export raised on the first call
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("No space left on device")
+        return _sdpa(q, k, v)
+
+    registry.register_backend("flash_attn4", kernel, source="x")
+    with caplog.at_level(logging.WARNING, logger="lightx2v_sp"):
+        assert kernel_cache.prepare_kernel("flash_attn4", "auto", torch.device("cpu"), torch.float32, 8,
+                                           SHAPES) == "flash_attn4"
+    assert "ran on its second call" in caplog.text

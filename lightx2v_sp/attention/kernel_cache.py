@@ -73,7 +73,15 @@ def _check_once(fn, reference, sq: int, sk: int, head_dim: int, device, dtype) -
     q = torch.randn(1, sq, 1, head_dim, device=device, dtype=dtype, generator=gen)
     k = torch.randn(1, sk, 1, head_dim, device=device, dtype=dtype, generator=gen)
     v = torch.randn(1, sk, 1, head_dim, device=device, dtype=dtype, generator=gen)
-    out, ref = fn(q, k, v).float(), reference(q, k, v).float()
+    try:
+        out = fn(q, k, v)
+    except Exception as e:  # noqa: BLE001
+        # FA4 keeps a kernel in memory before it exports it to disk: when only the export failed, the
+        # second call runs it (and this process keeps it; later processes compile again)
+        out = fn(q, k, v)
+        log.warning("warning: the attention kernel ran on its second call; its first failed (%s: %s), "
+                    "likely writing FlashAttention-4's disk cache %s", type(e).__name__, e, fa4_cache_dir())
+    out, ref = out.float(), reference(q, k, v).float()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12)) if bool(torch.isfinite(out).all()) else float("inf")
 
 
