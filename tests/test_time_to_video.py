@@ -186,15 +186,20 @@ def test_weight_check_finds_every_nan_and_inf(dtype):
             assert not bool(_all_finite(y)), (bad, where)
 
 
-def test_parallel_copy_fills_every_destination_and_raises_read_errors():
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_parallel_copy_fills_every_destination_and_raises_read_errors(monkeypatch, device):
+    from lightx2v_sp.models import parallel_copy
     from lightx2v_sp.models.parallel_copy import copy_all
 
-    src = [torch.randn(n, 7) for n in (5, 40, 3, 17, 9)]
-    weight = torch.nn.Parameter(torch.empty(sum(t.shape[0] for t in src), 7))  # in-place under no_grad
+    monkeypatch.setattr(parallel_copy, "MIN_PARALLEL_BYTES", 0)  # threads even for these few bytes
+
+    src = [torch.randn(n, 7) for n in (5, 40, 3, 17, 9)]  # host tensors, bf16 destinations: a dtype cast too
+    weight = torch.nn.Parameter(torch.empty(sum(t.shape[0] for t in src), 7, dtype=torch.bfloat16, device=device))
     rows = torch.tensor([0] + [t.shape[0] for t in src]).cumsum(0).tolist()
     jobs = [(weight.narrow(0, a, b - a), lambda t=t: t) for t, a, b in zip(src, rows, rows[1:])]
     copy_all(jobs, workers=3)
-    assert torch.equal(weight.detach(), torch.cat(src))
+    assert torch.equal(weight.detach().cpu(), torch.cat(src).to(torch.bfloat16))
 
     def truncated():
         raise OSError("unexpected end of file")

@@ -22,6 +22,7 @@ import torch
 # a few readers: enough to overlap page faults and memcpy, not a thread per core; the variable is for A/B runs
 WORKERS = max(1, int(os.environ.get("LIGHTX2V_SP_READ_THREADS", "4")))
 
+MIN_PARALLEL_BYTES = 64 << 20  # below this (test models) starting threads costs more than it saves
 Job = tuple[torch.Tensor, Callable[[], torch.Tensor]]  # (destination, read the source)
 
 
@@ -37,7 +38,7 @@ def copy_all(jobs: Sequence[Job], workers: int | None = None) -> None:
         return
     device = jobs[0][0].device
     workers = min(WORKERS if workers is None else workers, len(jobs))
-    if workers <= 1:
+    if workers <= 1 or sum(dst.numel() * dst.element_size() for dst, _ in jobs) < MIN_PARALLEL_BYTES:
         _copy(jobs)
         return
     order = sorted(jobs, key=lambda job: job[0].numel() * job[0].element_size(), reverse=True)
