@@ -106,13 +106,16 @@ class AttentionConfig:
                               "(FlashAttention-4, -3, cuDNN SDPA, FlashAttention-2, SDPA); flash_attn = the best "
                               "installed FlashAttention; sdpa_* pin one of PyTorch's SDPA implementations; "
                               "sage is quantized (lossy) and runs only when named", BACKEND_CHOICES)
+    warmup: bool = _f(True, "call the kernel once on the run's shapes while the text stage runs: FlashAttention-4 "
+                            "compiles there (or loads from its disk cache) instead of in step 1, and is checked "
+                            "against SDPA (auto falls back when it fails)")
 
 
 @dataclass
 class TextEncoderConfig:
     parallel: str = _f("replicate", "UMT5 layout over the ranks", ["replicate", "tp", "dp"])
-    device: str = _f("gpu", "where the encoder lives: gpu, cpu (runs there) or swap (GPU only for its stage)",
-                     ["gpu", "cpu", "swap"])
+    device: str = _f("gpu", "where the encoder runs: gpu or swap (read from disk straight to the GPU for the text "
+                            "stage, freed after it: the same in a one-shot run) or cpu", ["gpu", "cpu", "swap"])
     text_len: int = _f(512, "tokens per prompt (Wan2.1 uses 512)")
     quant: Optional[str] = _f(None, "null = the compute dtype; fp8 = UMT5's block linears in e4m3 with fp32 "
                                     "per-output-channel scales, weight-only (dequantized per layer; it runs once "

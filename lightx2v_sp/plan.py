@@ -109,7 +109,7 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     if te.device in ("gpu", "swap"):
         text.gpu["text encoder"] = t5_bytes
         text.gpu["text activations"] = int(t5_act)
-    if te.device in ("cpu", "swap"):
+    if te.device == "cpu":  # gpu and swap read it straight to the GPU (pipeline/text.py): no host copy
         text.host["text encoder"] = t5_bytes
 
     # denoise: every expert's weights where offload.dit puts them (pipeline/experts.py)

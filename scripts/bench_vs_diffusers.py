@@ -4,6 +4,7 @@
     python scripts/bench_vs_diffusers.py run DIR --steps 10 50 --reps 2 [--json out.json] [key=value ...]
     python scripts/bench_vs_diffusers.py build /tmp/tiny --size tiny --device cpu     # CPU smoke test
     python scripts/bench_vs_diffusers.py run /tmp/tiny --device cpu --steps 2 3 --reps 1
+    python scripts/bench_vs_diffusers.py run DIR --only ours --steps 10 50 --reps 1 model.compile=true
 
 `build` writes one diffusers-layout directory (model_index.json, transformer/, text_encoder/,
 tokenizer/, vae/, scheduler/) that both sides load: the DiT and UMT5 as sharded safetensors the way
@@ -156,6 +157,9 @@ def _ours(args, steps: int, out: str) -> tuple[float, dict]:
     stages["inside"] = summary["total_time_s"]  # run() itself; wall - inside = imports, CUDA init, teardown
     stages["step_times_s"] = summary["denoise"].get("step_times_s")
     stages["attention_backend"] = summary["layout"].get("attention_backend")
+    for key in ("median_step_s", "first_step_extra_s"):  # per step once warm; what step 1 paid once
+        stages[key] = summary["denoise"].get(key)
+    stages["load_alongside_text_s"] = (summary.get("prefetch") or {}).get("load_s")
     return wall, stages
 
 
@@ -200,7 +204,8 @@ def run(args) -> None:
     rows = []
     for rep in range(args.reps):
         for steps in args.steps:
-            order = ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours")
+            order = [side for side in (("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"))
+                     if args.only in (None, side)]
             for side in order:
                 out = os.path.join(outdir, f"{side}_{steps}_{rep}.mp4")
                 wall, stages = _ours(args, steps, out) if side == "ours" else _diffusers(args, cfg, steps, out)
@@ -218,19 +223,19 @@ def _median(rows, side, steps) -> float:
 def _report(rows: list[dict], args) -> None:
     print("\n| side | steps | rep | first | wall s | stages (s) |\n|---|---:|---:|---|---:|---|")
     for r in rows:
-        st = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if isinstance(v, (int, float)))
+        st = ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items() if isinstance(v, (int, float)))
         print(f"| {r['side']} | {r['steps']} | {r['rep']} | {r['first']} | {r['wall_s']:.2f} | {st} |")
     lo, hi = min(args.steps), max(args.steps)
     summary = {}
     print("\n| side | " + " | ".join(f"median wall at {n} steps" for n in args.steps) +
           " | per step s (slope) | fixed s (intercept) |\n|---|" + "---:|" * (len(args.steps) + 2))
-    for side in ("ours", "diffusers"):
+    for side in [x for x in ("ours", "diffusers") if args.only in (None, x)]:
         med = {n: _median(rows, side, n) for n in args.steps}
         slope = (med[hi] - med[lo]) / (hi - lo) if hi > lo else float("nan")
         fixed = med[lo] - lo * slope
         summary[side] = {"median_wall_s": med, "per_step_s": round(slope, 3), "fixed_s": round(fixed, 2)}
         print(f"| {side} | " + " | ".join(f"{med[n]:.2f}" for n in args.steps) + f" | {slope:.3f} | {fixed:.2f} |")
-    for n in args.steps:
+    for n in args.steps if len(summary) == 2 else ():
         ratio = summary["ours"]["median_wall_s"][n] / summary["diffusers"]["median_wall_s"][n]
         summary.setdefault("ratio", {})[n] = round(ratio, 3)
         print(f"ours / diffusers at {n} steps: {ratio:.3f}x")
@@ -256,6 +261,8 @@ def main() -> None:
     r.add_argument("--device", default="cuda")
     r.add_argument("--outdir", default=None)
     r.add_argument("--json", default=None)
+    r.add_argument("--only", default=None, choices=["ours", "diffusers"],
+                   help="run one side alone (e.g. ours, to compare our settings)")
     # any key=value after the options: overrides for our side (the video size also sets diffusers')
     j = sub.add_parser("diffusers-job")
     j.add_argument("dir")

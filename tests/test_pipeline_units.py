@@ -164,6 +164,7 @@ def test_agreed_single_process():
 
 def test_run_that_fails_late_writes_nothing(tmp_path, monkeypatch):
     """A failure after denoising (here: in the VAE decode) leaves neither a video nor a summary."""
+    from lightx2v_sp.models.vae import WanVAE
     from lightx2v_sp.pipeline import runner
 
     monkeypatch.setenv("LIGHTX2V_SP_CACHE", str(tmp_path / "cache"))
@@ -174,7 +175,7 @@ def test_run_that_fails_late_writes_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory in the VAE")
 
-    monkeypatch.setattr(runner.WanVAE, "decode", broken)
+    monkeypatch.setattr(WanVAE, "decode", broken)
     with pytest.raises(AgreedError, match="out of memory in the VAE"):
         runner.run(cfg, torch.device("cpu"), progress=False)
     assert os.listdir(out.parent) == []

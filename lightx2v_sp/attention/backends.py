@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import lse as lse_kernels
+from .kernel_cache import enable_fa4_disk_cache
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,17 @@ def require_lse(name: str) -> None:
                      f"one of {with_lse}")
 
 
+def auto_fallback(device: torch.device | str, dtype: torch.dtype, head_dim: int, failed: str) -> str:
+    """`auto`'s next choice after `failed` could not run (kernel_cache.prepare_kernel); from now on
+    `auto` resolves to it for such inputs."""
+    device = torch.device(device)
+    order = AUTO_PREFERENCE[generation(device)] + ("sdpa",)
+    choice = next(n for n in order if n != failed and n in _KERNELS and _KERNELS[n].exact
+                  and _KERNELS[n].supports(device, dtype, head_dim))
+    _auto_choice[(device.type, device.index, dtype, head_dim)] = choice
+    return choice
+
+
 def get_backend(name: str, q: torch.Tensor) -> KernelFn:
     """The kernel called `name` (or the `auto` pick for tensors like `q`)."""
     return _KERNELS[resolve_backend(name, q.device, q.dtype, q.shape[-1])].fn
@@ -285,4 +297,5 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: st
     return get_lse_backend(backend, q)(q, k, v)
 
 
+enable_fa4_disk_cache()  # before discover() imports flash_attn.cute, which reads the setting once
 discover()

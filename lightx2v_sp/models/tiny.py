@@ -45,6 +45,8 @@ import tempfile
 
 import torch
 
+from lightx2v_sp.cache_dir import cache_root
+
 # Bump when any size, seed or file below changes: older caches are then simply not used.
 TINY_VERSION = "v1"
 MARKER = "TINY_MODEL.json"
@@ -73,10 +75,6 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 
 _WORDS = ("a an the cat cats dog tiny small big walks runs on in of and with grass field sky city "
           "street realistic style video blurry low quality bad worst best red green blue").split()
-
-
-def cache_root() -> str:
-    return os.environ.get("LIGHTX2V_SP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightx2v_sp")
 
 
 def _check_variant(variant: str) -> None:

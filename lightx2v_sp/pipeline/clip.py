@@ -53,7 +53,9 @@ def _encode(image_path: str, encoder_dir: str, processor_dir: str, placement_mod
     processor = AutoImageProcessor.from_pretrained(processor_dir, local_files_only=True)
     encoder = CLIPVisionModel.from_pretrained(encoder_dir, local_files_only=True, torch_dtype=dtype).eval()
     pixels = processor(images=open_image(image_path), return_tensors="pt")["pixel_values"]
-    placement = ComponentPlacement(encoder, placement_mode, device, name="image_encoder")
+    # loaded for this one call and dropped after it: swap's pinned host copy would serve no second visit
+    mode = "gpu" if placement_mode == "swap" else placement_mode
+    placement = ComponentPlacement(encoder, mode, device, name="image_encoder")
     with torch.no_grad(), placement.on_device() as enc:
         run_on = placement.execution_device
         hidden = enc(pixel_values=pixels.to(run_on, dtype), output_hidden_states=True).hidden_states[-2]

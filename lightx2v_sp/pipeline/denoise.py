@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from lightx2v_sp.attention.options import UlyssesOptions
+from lightx2v_sp.cache_dir import enable_compile_cache
 from lightx2v_sp.models.wan import WanModel, parallelize_wan
 from lightx2v_sp.offload import offload_dit_blocks
 
@@ -79,6 +80,7 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device, transport
     if cfg.offload.dit == "swap":
         return None
     if cfg.model.compile:
+        enable_compile_cache()  # a later run reuses the compiled graphs and kernels
         for block in model.blocks:  # identical blocks share one compiled graph (parameters are inputs)
             block.compile(dynamic=False)
     return None

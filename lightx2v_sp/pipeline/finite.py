@@ -17,13 +17,26 @@ from lightx2v_sp.models.quant import fp8_is_finite
 from .checks import AgreedError
 
 
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: no NaN or inf in `t`. aminmax reads it once without a temporary and propagates NaN
+    (an inf is the max or the min): on the CPU ~10x faster than isfinite().all() on bf16 weights
+    (0.64 against 6.8 s/GiB, one thread), which the weights of a component loaded to the host pay."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    if t.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        lo, hi = torch.aminmax(t)
+        return torch.isfinite(lo) & torch.isfinite(hi)
+    if t.dtype == torch.float8_e4m3fn:  # model.quant=fp8: e4m3 has no inf, NaN is a bit pattern
+        return fp8_is_finite(t)
+    return torch.isfinite(t).all()
+
+
 def check_weights(module: torch.nn.Module, component: str, path: str) -> None:
     """ValueError naming the first parameter of `module` that holds NaN or inf."""
     named = [(n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.device.type != "meta"]
     if not named:
         return
-    flags = torch.stack([(fp8_is_finite(p) if p.dtype == torch.float8_e4m3fn else torch.isfinite(p).all())
-                         .to(named[0][1].device) for _, p in named])
+    flags = torch.stack([_all_finite(p).to(named[0][1].device) for _, p in named])
     if bool(flags.all()):  # the one sync
         return
     bad = [n for (n, _), ok in zip(named, flags.tolist()) if not ok]

@@ -20,11 +20,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from lightx2v_sp.attention import resolve_backend
 from lightx2v_sp.config import to_dict, uses_cfg
 from lightx2v_sp.distributed import CommStats, ParallelDims, check_layout, resolve_ulysses_degree
 from lightx2v_sp.distributed.groups import job_size_rank
-from lightx2v_sp.models.vae import WanVAE, to_uint8_frames
+from lightx2v_sp.models.vae import to_uint8_frames
 from lightx2v_sp.offload import StageMemory
 from lightx2v_sp.plan import check_before_loading, plan_summary, shapes_of
 
@@ -34,18 +33,19 @@ from .conditioning import image_inputs, needs_image_stage
 from .decode import decode_rows, gather_video, vae_on_every_rank
 from .denoise import denoise
 from .effective import effective_layout
-from .experts import install_experts, load_experts
+from .experts import install_experts
 from .finite import check_video
 from .image import open_image
 from .kind import boundary_ratio, check_inputs, detect_kind
 from .geometry import video_geometry
 from .latents import initial_latents
-from .loading import load_checked
 from .loras import check_loras
 from .output import OutputPair, check_ours, check_video_writer, check_writable, summary_path
 from .paths import model_paths_for
+from .prefetch import Loader, load_alongside_text, load_models
 from .quant import run_summary as quant_summary
 from .rank0_stage import rank0_stage
+from .step_times import first_step_cost
 from .text import check_text_encoder_layout, encode_prompts
 
 log = logging.getLogger("lightx2v_sp")
@@ -136,28 +136,21 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s) x ring %d, device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, dims.ring_degree, device, paths.root)
 
-    with stages("text"):
-        contexts = encode_prompts(cfg, paths, dims, device, dtype)
+    # the DiT and VAE reads overlap the text stage (prefetch.py: no collective in the thread)
+    alongside = load_alongside_text(cfg, device, world, rank, shapes)
+    loader = None
+    try:
+        with stages("text"):
+            loader = Loader(lambda: load_models(cfg, paths, kind, device, dtype, rank == 0 or split_decode,
+                                                dims, geometry), device, alongside)
+            contexts = encode_prompts(cfg, paths, dims, device, dtype)
+    except Exception:
+        if loader is not None:
+            loader.abandon()
+        raise
 
     with stages("load"):
-        def load():
-            models = load_checked("DiT", paths.dit, lambda: load_experts(kind.experts, cfg, device, dtype),
-                                  weights=torch.nn.ModuleList)
-            model = models[0]
-            vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
-                               weights=lambda v: v.vae) if rank == 0 or split_decode else None
-            if vae is not None and vae.z_dim != model.config.out_dim:
-                raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
-                                 f"{paths.dit} denoises out_dim={model.config.out_dim}; they are not one model")
-            if vae is not None and (vae.temporal_stride, vae.spatial_stride) != kind.vae_strides:
-                raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
-                                 f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
-            # before the progress bar: `auto` logs its pick here, and the summary records it
-            # (with a ring, the self-attention's kernel must return its log-sum-exp)
-            kernel = resolve_backend(cfg.attention.backend, device, dtype, model.config.dim // model.config.num_heads,
-                                     need_lse=dims.ring_degree > 1)
-            return models, vae, kernel
-        models, vae, kernel = agreed("loading the DiT", load)
+        models, vae, kernel = agreed("loading the DiT", loader.result)
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
 
     s = cfg.sample
@@ -172,6 +165,10 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
                           stats=denoise_stats, cache=StepCache(cache, dims) if cache else None, **image)
     experts.release()
+    once = first_step_cost(denoise_stats["step_times_s"])
+    if once["median_step_s"] is not None:
+        log.info("denoise: %.3fs per step after the first, which took %.2fs more (compilation, first-use kernels)",
+                 once["median_step_s"], once["first_step_extra_s"])
     lora_summary = [entry for m in models for entry in getattr(m, "lora_summary", [])]
     quant = quant_summary(models, cfg)
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
@@ -215,7 +212,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len,
                                   "cut_tokens": cut_tokens}  # beyond text_len, per prompt (warned)
-        result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
+        result.summary["denoise"] = {**denoise_stats, **once, "guidance_scale": s.guidance_scale,
                                      "classifier_free_guidance": uses_cfg(s),  # diffusers: guidance_scale > 1
                                      "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "
@@ -227,6 +224,7 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
         result.summary["memory_plan"] = plan_summary(cfg, world, shapes=shapes)
+        result.summary["prefetch"] = loader.summary()
         outputs.commit(result.summary)  # the summary, then the video: replaced together
 
     # the video and its summary replace the previous run's pair together; temporary files go on failure

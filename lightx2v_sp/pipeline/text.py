@@ -4,7 +4,10 @@ The encoder is laid out over all ranks per `text_encoder.parallel` (replicate | 
 models/t5/parallelize.py) and placed per `text_encoder.device` (gpu | cpu | swap). A tp rank
 reads only its shard of the weights from disk. Every rank ends with the same contexts:
 [1, text_len, d_model] each, zeros after each prompt's last token (Wan's layout).
-The encoder is dropped after this stage: one run encodes one prompt pair.
+The encoder is dropped after this stage: one run encodes one prompt pair. So with gpu or swap
+its weights are read from the checkpoint straight onto the GPU (no host copy, nothing pinned)
+and freed when the stage ends: swap's pinned host copy would only serve a second visit, which a
+one-shot run never makes.
 """
 from __future__ import annotations
 
@@ -54,10 +57,18 @@ def cut_tokens(tokenizer, prompts: list[str], text_len: int) -> list[int]:
     return cut
 
 
-def load_text_encoder(path: str, te_cfg, dtype: torch.dtype, dims) -> T5Encoder:
-    """Only this rank's shard for tp; the whole encoder otherwise (on the CPU: placement moves it)."""
+def load_device(te_cfg, device: torch.device) -> torch.device:
+    """Where the weights are read to: the GPU for gpu and swap (the stage runs there and then drops
+    them), else the host."""
+    if te_cfg.device in ("gpu", "swap") and device.type == "cuda":
+        return device
+    return torch.device("cpu")
+
+
+def load_text_encoder(path: str, te_cfg, dtype: torch.dtype, dims, device="cpu") -> T5Encoder:
+    """Only this rank's shard for tp; the whole encoder otherwise, tensor by tensor onto `device`."""
     shard = T5Shard(dims.rank, dims.world_size) if te_cfg.parallel == "tp" and dims.world_size > 1 else None
-    return T5Encoder.from_pretrained(path, dtype=dtype, device="cpu", shard=shard,
+    return T5Encoder.from_pretrained(path, dtype=dtype, device=device, shard=shard,
                                      quant=getattr(te_cfg, "quant", None))  # fp8: quantized as it is read
 
 
@@ -65,11 +76,12 @@ def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -
     te_cfg = cfg.text_encoder
     use_uncond = uses_cfg(cfg.sample)
     prompts = [cfg.prompt] + ([cfg.negative_prompt] if use_uncond else [])
+    read_to = load_device(te_cfg, device)
 
     def load():
         tokenizer = load_component("tokenizer", paths.tokenizer, lambda: load_tokenizer(paths.tokenizer))
         encoder = load_checked("UMT5 text encoder", paths.text_encoder,
-                               lambda: load_text_encoder(paths.text_encoder, te_cfg, dtype, dims))
+                               lambda: load_text_encoder(paths.text_encoder, te_cfg, dtype, dims, read_to))
         ids, mask = tokenize(tokenizer, prompts, te_cfg.text_len)
         cut = cut_tokens(tokenizer, prompts, te_cfg.text_len)
         if int(ids.max()) >= encoder.config.vocab_size:
@@ -80,7 +92,9 @@ def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -
 
     encoder, ids, mask, cut = agreed("loading the text encoder", load)
     parallelize_t5(encoder, dims, mode=te_cfg.parallel, symmetric_memory=cfg.comm.symmetric_memory)
-    placement = ComponentPlacement(encoder, te_cfg.device, device, name="text_encoder")
+    # already where it runs when read to the GPU: "gpu" placement is then a no-op, never a host copy
+    mode = "gpu" if read_to.type == "cuda" else te_cfg.device
+    placement = ComponentPlacement(encoder, mode, device, name="text_encoder")
     with torch.no_grad(), placement.on_device() as enc:
         run_on = placement.execution_device
         context = enc(ids.to(run_on), mask.to(run_on)).to(device=device, dtype=dtype)

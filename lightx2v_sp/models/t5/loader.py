@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from ..parallel_copy import copy_all
 from ..quant import T5_LINEARS, quantize_linears, quantize_rows
 from ..safetensors_io import save_safetensors
 from .model import T5Config, T5Encoder
@@ -249,7 +250,8 @@ def load_t5_encoder(path, dtype=None, device="cpu", shard: T5Shard | None = None
         with torch.device("meta"):
             enc = T5Encoder(cfg)
     quantized = set(quantize_linears(enc, T5_LINEARS)) if quant == "fp8" else set()
-    state = {}
+    state, jobs = {}, []
+    on_host = torch.device(device).type == "cpu"
     for name, key in names.items():
         if source.shape(key) != shapes[name]:
             raise ValueError(f"{path}: {key} has shape {source.shape(key)}, the config "
@@ -260,8 +262,15 @@ def load_t5_encoder(path, dtype=None, device="cpu", shard: T5Shard | None = None
             q, scale = quantize_rows(source.read(key, piece).to(work_device or device))
             state[name], state[layer + ".weight_scale"] = q.to(device), scale.to(device)
             continue
-        # copy a slice so it does not keep the whole memory-mapped tensor alive behind a view
-        state[name] = source.read(key, piece).to(device=device, dtype=dtype, copy=piece is not None).contiguous()
+        if on_host and piece is None and source.read(key, None).dtype == dtype:
+            state[name] = source.read(key, None).contiguous()  # memory-mapped: nothing is read until used
+            continue
+        shape = list(shapes[name])
+        if piece is not None:
+            shape[piece[0]] = piece[2] - piece[1]
+        state[name] = torch.empty(shape, dtype=dtype, device=device)
+        jobs.append((state[name], lambda key=key, piece=piece: source.read(key, piece)))
+    copy_all(jobs)  # from the file's pages straight to the device (or into host memory), a few at a time
     enc.load_state_dict(state, strict=True, assign=True)
     return enc.eval().requires_grad_(False)
 

@@ -1,13 +1,14 @@
 """Read and write Wan2.1 DiT checkpoints: the official layout and the diffusers layout.
 
 Loading builds the model on the meta device, allocates it once (uninitialised) in the target
-dtype and device, then copies tensor by tensor out of the memory-mapped safetensors files: the
-only extra memory is one source tensor at a time. Everything is validated (missing, unexpected,
-wrong shape) from the file headers before a byte of weights is read.
+dtype and device, then copies tensor by tensor out of the memory-mapped safetensors files, a few
+at a time (parallel_copy.py): the only extra memory is the source tensors being copied. Everything
+is validated (missing, unexpected, wrong shape) from the file headers before a byte of weights is read.
 
 With `quant="fp8"` the block linears are Fp8Linear from the start and every tensor is converted as it
-is copied (models/quant): fp8 community files load as they are, full-precision ones are quantized
-tensor by tensor. `weights` (model.dit_path) reads the tensors from another file or directory.
+is copied (models/quant), one at a time: fp8 community files load as they are, full-precision ones
+are quantized tensor by tensor. `weights` (model.dit_path) reads the tensors from another file or
+directory.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..parallel_copy import copy_all
 from ..quant import DIT_LINEARS, copy_piece, quantize_linears, scan, strip_prefix
 from ..quant.checkpoint import SAFETENSORS_DTYPES
 from ..safetensors_io import save_safetensors
@@ -219,7 +221,11 @@ def load_wan(path, dtype: torch.dtype | None = None, device="cpu", skip=None, we
                 handles[file] = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             return handles[file].get_tensor(stored)
 
-        for file, pieces in by_file.items():
+        if not quant:  # plain copies (and casts), several at a time
+            params = dict(model.named_parameters())
+            copy_all([(params[name].narrow(0, start, rows), lambda where_=where[key]: read(*where_))
+                      for pieces in by_file.values() for name, key, start, rows in pieces])
+        for file, pieces in by_file.items() if quant else ():
             for name, key, start, rows in pieces:
                 scale = fp8.scales.get(key)
                 copy_piece(model, name, start, rows, read(*where[key]),

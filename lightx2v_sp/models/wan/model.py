@@ -99,14 +99,25 @@ class ImageEmbedding(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """3-D RoPE tables for a (frames, height, width) token grid, in token order, as [S, 1, D] fp32."""
+    """3-D RoPE tables for a (frames, height, width) token grid, in token order, as [S, 1, D] fp32.
+
+    The tables depend on the grid alone, so the last grid's are kept: every denoise step of a video
+    reuses them instead of rebuilding them (some twenty small kernels per forward). Callers only read them.
+    """
 
     def __init__(self, config: WanConfig):
         super().__init__()
         self.dims = config.rope_dims
         self.theta = config.rope_theta
+        self._last: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(grid), torch.device(device), torch.is_inference_mode_enabled())
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._tables(grid, device))
+        return self._last[1]
+
+    def _tables(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cos_parts, sin_parts = [], []
         for axis, (n, d) in enumerate(zip(grid, self.dims)):
             # angles in float64 (as Wan does) on a small [n, d/2] table, then expanded over the grid

@@ -1,0 +1,223 @@
+"""Time to video (issue 30): the loader thread, the text encoder read to where it runs, FlashAttention-4's
+kernel cache and first-call check, and the per-step work the runner no longer repeats.
+
+Everything here runs on the CPU: JIT kernels are stand-ins registered under FA4's name, and CUDA-only
+choices are checked through the functions that make them.
+"""
+import logging
+import os
+import threading
+
+import pytest
+import torch
+
+from lightx2v_sp.attention import backends, kernel_cache
+from lightx2v_sp.config import load_config
+from lightx2v_sp.pipeline import prefetch
+from lightx2v_sp.pipeline.runner import run
+from lightx2v_sp.pipeline.text import load_device
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "wan_t2v_tiny.yaml")
+
+
+@pytest.fixture
+def registry():
+    yield backends
+    backends.discover()  # drop the stand-ins, rebuild what is installed
+
+
+def _sdpa(q, k, v):
+    return backends.kernel_info("sdpa").fn(q, k, v)
+
+
+SHAPES = [(24, 24), (24, 5)]
+
+
+def test_prepare_kernel_keeps_a_kernel_that_agrees_with_sdpa(registry, caplog):
+    calls = []
+    registry.register_backend("flash_attn4", lambda q, k, v: calls.append(q.shape) or _sdpa(q, k, v), source="x")
+    with caplog.at_level(logging.INFO, logger="lightx2v_sp"):
+        name = kernel_cache.prepare_kernel("flash_attn4", "auto", torch.device("cpu"), torch.float32, 8, SHAPES)
+    assert name == "flash_attn4"
+    assert [tuple(s) for s in calls] == [(1, 24, 1, 8), (1, 24, 1, 8)]  # one call per (query, key) length pair
+    assert "attention kernel flash_attn4 ready" in caplog.text
+
+
+@pytest.mark.parametrize("broken", ["wrong", "raises", "nan"])
+def test_prepare_kernel_falls_back_under_auto_and_fails_when_named(registry, caplog, broken):
+    def kernel(q, k, v):
+        if broken == "raises":
+            raise RuntimeError("CUDA Error: cudaErrorInvalidDeviceFunction")
+        out = _sdpa(q, k, v)
+        return out * 1.5 if broken == "wrong" else out * float("nan")
+
+    registry.register_backend("flash_attn4", kernel, source="x")
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="lightx2v_sp"):
+        name = kernel_cache.prepare_kernel("flash_attn4", "auto", cpu, torch.float32, 8, SHAPES)
+    assert name == "sdpa" and "auto uses sdpa instead" in caplog.text
+    # every later `auto` call for such inputs runs the fallback, not the broken kernel
+    registry.AUTO_PREFERENCE["other"] = ("flash_attn4", "sdpa")
+    try:
+        assert registry.resolve_backend("auto", cpu, torch.float32, 8) == "sdpa"
+    finally:
+        registry.AUTO_PREFERENCE["other"] = ("sdpa",)
+    with pytest.raises(ValueError, match="flash_attn4 failed its first call"):
+        kernel_cache.prepare_kernel("flash_attn4", "flash_attn4", cpu, torch.float32, 8, SHAPES)
+
+
+def test_kernels_without_jit_are_not_called():
+    assert kernel_cache.prepare_kernel("sdpa_cudnn", "auto", torch.device("cpu"), torch.float32, 8, SHAPES) \
+        == "sdpa_cudnn"
+
+
+def test_attention_shapes_of_a_run():
+    # self-attention: all tokens (Ulysses splits heads); cross-attention: this rank's tokens x the text
+    assert kernel_cache.attention_shapes(32760, 1, 512) == [(32760, 32760), (32760, 512)]
+    assert kernel_cache.attention_shapes(1001, 3, 512) == [(1001, 1001), (334, 512)]
+
+
+def test_fa4_disk_cache_is_switched_on_before_import(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTX2V_SP_CACHE", str(tmp_path / "cache"))
+    for name in (kernel_cache.FA4_ENABLED, kernel_cache.FA4_DIR):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delitem(__import__("sys").modules, "flash_attn.cute", raising=False)
+    monkeypatch.setattr(kernel_cache.importlib.util, "find_spec", lambda name: object())  # "installed"
+    path = kernel_cache.enable_fa4_disk_cache()
+    assert path == str(tmp_path / "cache" / "kernels" / "flash_attn_cute") and os.path.isdir(path)
+    assert os.environ[kernel_cache.FA4_ENABLED] == "1" and os.environ[kernel_cache.FA4_DIR] == path
+    monkeypatch.setenv(kernel_cache.FA4_ENABLED, "0")  # the user's "off" stays off
+    assert kernel_cache.enable_fa4_disk_cache() is None and os.environ[kernel_cache.FA4_ENABLED] == "0"
+    monkeypatch.delenv(kernel_cache.FA4_ENABLED)
+    monkeypatch.setattr(kernel_cache, "writable_dir", lambda p: False)  # a read-only cache: compile each time
+    assert kernel_cache.enable_fa4_disk_cache() is None and kernel_cache.FA4_ENABLED not in os.environ
+    monkeypatch.setattr(kernel_cache.importlib.util, "find_spec", lambda name: None)  # FA4 absent: nothing
+    assert kernel_cache.enable_fa4_disk_cache() is None
+
+
+def test_loader_hands_its_error_to_the_caller_and_abandon_waits(monkeypatch):
+    monkeypatch.setattr(prefetch, "import_shared_packages", lambda: None)  # (diffusers' import: seconds)
+    started, release = threading.Event(), threading.Event()
+
+    def load():
+        started.set()
+        release.wait(10)
+        raise ValueError("the DiT at X is truncated")
+
+    loader = prefetch.Loader(load, torch.device("cpu"), background=True)
+    assert started.wait(10) and loader.background
+    release.set()
+    with pytest.raises(ValueError, match="truncated"):
+        loader.result()
+    assert loader.seconds is not None
+
+    release.clear()
+    loader = prefetch.Loader(load, torch.device("cpu"), background=True)
+    threading.Timer(0.2, release.set).start()
+    loader.abandon()  # joins: no load outlives a failed run
+    assert not loader._thread.is_alive()
+    assert prefetch.Loader(lambda: 7, torch.device("cpu"), background=False).result() == 7
+
+
+def test_text_encoder_is_read_to_where_it_runs():
+    cfg = load_config(None, [])
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for mode, expected in (("gpu", cuda), ("swap", cuda), ("cpu", cpu)):
+        cfg.text_encoder.device = mode
+        assert load_device(cfg.text_encoder, cuda) == expected
+        assert load_device(cfg.text_encoder, cpu) == cpu
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_loading_alongside_the_text_stage_gives_the_same_video(tmp_path, monkeypatch, device):
+    # on CUDA: the loader thread's own stream, the encoder read straight to the GPU, the weights handed over
+    results = {}
+    for alongside in (True, False):
+        monkeypatch.setattr("lightx2v_sp.pipeline.runner.load_alongside_text", lambda *a, _v=alongside: _v)
+        cfg = load_config(CONFIG, [f"output.path={tmp_path}/v_{alongside}.mp4", "sample.steps=2",
+                                   f"device={device}", "text_encoder.device=gpu"])
+        results[alongside] = run(cfg, torch.device(device, 0) if device == "cuda" else torch.device(device),
+                                 progress=False)
+        assert results[alongside].summary["prefetch"]["alongside_text"] is alongside
+    assert torch.equal(results[True].latents, results[False].latents)
+
+
+def test_rope_tables_are_built_once_per_grid():
+    from lightx2v_sp.models.wan import WanConfig
+    from lightx2v_sp.models.wan.model import RotaryEmbedding
+
+    rope = RotaryEmbedding(WanConfig.tiny())
+    first = rope((3, 4, 5), torch.device("cpu"))
+    assert rope((3, 4, 5), torch.device("cpu")) is first  # the next step reuses them
+    fresh = rope._tables((3, 4, 5), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh))
+    other = rope((2, 4, 5), torch.device("cpu"))
+    assert other[0].shape[0] == 40 and other is not first
+
+
+def test_first_step_cost():
+    from lightx2v_sp.pipeline.step_times import first_step_cost
+
+    assert first_step_cost([3.0, 1.0, 1.2, 1.1]) == {"median_step_s": 1.1, "first_step_extra_s": 1.9}
+    assert first_step_cost([3.0]) == {"median_step_s": None, "first_step_extra_s": None}
+
+
+def test_compile_cache_goes_under_our_cache_unless_set(tmp_path, monkeypatch):
+    from lightx2v_sp.cache_dir import enable_compile_cache
+
+    monkeypatch.setenv("LIGHTX2V_SP_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert enable_compile_cache() == str(tmp_path / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert enable_compile_cache() == "/elsewhere"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_check_finds_every_nan_and_inf(dtype):
+    from lightx2v_sp.pipeline.finite import _all_finite
+
+    x = torch.randn(33, 65).to(dtype)
+    assert bool(_all_finite(x)) and bool(_all_finite(x[:0]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (17, 40), (32, 64)):
+            y = x.clone()
+            y[where] = bad
+            assert not bool(_all_finite(y)), (bad, where)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_parallel_copy_fills_every_destination_and_raises_read_errors(monkeypatch, device):
+    from lightx2v_sp.models import parallel_copy
+    from lightx2v_sp.models.parallel_copy import copy_all
+
+    monkeypatch.setattr(parallel_copy, "MIN_PARALLEL_BYTES", 0)  # threads even for these few bytes
+
+    src = [torch.randn(n, 7) for n in (5, 40, 3, 17, 9)]  # host tensors, bf16 destinations: a dtype cast too
+    weight = torch.nn.Parameter(torch.empty(sum(t.shape[0] for t in src), 7, dtype=torch.bfloat16, device=device))
+    rows = torch.tensor([0] + [t.shape[0] for t in src]).cumsum(0).tolist()
+    jobs = [(weight.narrow(0, a, b - a), lambda t=t: t) for t, a, b in zip(src, rows, rows[1:])]
+    copy_all(jobs, workers=3)
+    assert torch.equal(weight.detach().cpu(), torch.cat(src).to(torch.bfloat16))
+
+    def truncated():
+        raise OSError("unexpected end of file")
+    with pytest.raises(OSError, match="end of file"):
+        copy_all(jobs[:2] + [(torch.empty(1), truncated)], workers=3)
+
+
+def test_prepare_kernel_keeps_a_kernel_whose_first_call_only_failed_to_cache(registry, caplog):
+    calls = []
+
+    def kernel(q, k, v):  # FA4: the kernel is in memory, the disk export raised on the first call
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("No space left on device")
+        return _sdpa(q, k, v)
+
+    registry.register_backend("flash_attn4", kernel, source="x")
+    with caplog.at_level(logging.WARNING, logger="lightx2v_sp"):
+        assert kernel_cache.prepare_kernel("flash_attn4", "auto", torch.device("cpu"), torch.float32, 8,
+                                           SHAPES) == "flash_attn4"
+    assert "ran on its second call" in caplog.text
