@@ -266,15 +266,17 @@ def require_lse(name: str) -> None:
                      f"one of {with_lse}")
 
 
-def auto_fallback(device: torch.device | str, dtype: torch.dtype, head_dim: int, failed: str) -> str:
+def auto_fallback(device: torch.device | str, dtype: torch.dtype, head_dim: int, failed: str,
+                  need_lse: bool = False) -> str:
     """`auto`'s next choice after `failed` could not run (kernel_cache.prepare_kernel); from now on
-    `auto` resolves to it for such inputs."""
+    `auto` resolves to it for such inputs (and to the next one with a log-sum-exp, for a ring)."""
     device = torch.device(device)
     order = AUTO_PREFERENCE[generation(device)] + ("sdpa",)
-    choice = next(n for n in order if n != failed and n in _KERNELS and _KERNELS[n].exact
-                  and _KERNELS[n].supports(device, dtype, head_dim))
-    _auto_choice[(device.type, device.index, dtype, head_dim)] = choice
-    return choice
+    for lse in (False, True):
+        _auto_choice[(device.type, device.index, dtype, head_dim, lse)] = next(
+            n for n in order if n != failed and n in _KERNELS and _KERNELS[n].exact
+            and _KERNELS[n].supports(device, dtype, head_dim) and (_KERNELS[n].lse is not None or not lse))
+    return _auto_choice[(device.type, device.index, dtype, head_dim, need_lse)]
 
 
 def get_backend(name: str, q: torch.Tensor) -> KernelFn:

@@ -86,9 +86,10 @@ def _check_once(fn, reference, sq: int, sk: int, head_dim: int, device, dtype) -
 
 
 def prepare_kernel(name: str, requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-                   shapes: Sequence[tuple[int, int]]) -> str:
+                   shapes: Sequence[tuple[int, int]], need_lse: bool = False) -> str:
     """The kernel the run will use: `name`, compiled and checked on every (query, key) sequence length
-    in `shapes`; under `auto`, the next kernel when it fails. Nothing to do for kernels without JIT.
+    in `shapes`; under `auto`, the next kernel when it fails (one with a log-sum-exp when `need_lse`:
+    ring attention). Nothing to do for kernels without JIT.
 
     One head: the compile key of a dense non-causal FA4 call holds the dtype, the head dim and the
     sequence lengths' tiling choices, not the head count, so one head compiles the run's kernels.
@@ -110,7 +111,7 @@ def prepare_kernel(name: str, requested: str, device: torch.device, dtype: torch
         if requested != "auto":
             raise ValueError(f"{why}; use attention.backend=auto or sdpa (FlashAttention-4's kernel cache is "
                              f"{fa4_cache_dir()}: removing it forces a fresh compilation)") from None
-        fallback = auto_fallback(device, dtype, head_dim, failed=name)
+        fallback = auto_fallback(device, dtype, head_dim, failed=name, need_lse=need_lse)
         log.warning("warning: %s; auto uses %s instead", why, fallback)
         return fallback
     new = _cached_files() - before

@@ -149,5 +149,6 @@ def load_models(cfg, paths, kind, device: torch.device, dtype: torch.dtype, load
         # a ring member's kernel sees one K/V block of the sequence at a time: about 1/ring of it
         tokens = -(-geometry.tokens // dims.ring_degree)
         kernel = prepare_kernel(kernel, cfg.attention.backend, device, dtype, head_dim,
-                                attention_shapes(tokens, dims.ulysses_degree, cfg.text_encoder.text_len))
+                                attention_shapes(tokens, dims.ulysses_degree, cfg.text_encoder.text_len),
+                                need_lse=dims.ring_degree > 1)
     return models, vae, kernel
