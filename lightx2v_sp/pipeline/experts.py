@@ -99,14 +99,19 @@ def install_experts(models: list[WanModel], cfg, dims, device: torch.device, bou
     offload requires). `transport` replaces the CUDA one (tests: HostTransport on CPU)."""
     from .denoise import install_parallel
 
-    s = cfg.sample
     handles = [install_parallel(m, cfg, dims, device, transport=transport) for m in models]
     offloads = [h for h in handles if h is not None]
     placements = None
     if cfg.offload.dit == "swap":
         placements = [ComponentPlacement(m, "swap", device, name=f"dit expert {i}", transport=transport)
                       for i, m in enumerate(models)]
-    scale_2 = s.guidance_scale if s.guidance_scale_2 is None else s.guidance_scale_2
-    scales = [s.guidance_scale, scale_2][:len(models)]
-    boundary = None if len(models) == 1 else boundary_ratio * num_train_timesteps
+    scales, boundary = expert_sampling(cfg.sample, len(models), boundary_ratio, num_train_timesteps)
     return Experts(models, scales, boundary, placements, offloads)
+
+
+def expert_sampling(s, num_experts: int, boundary_ratio: Optional[float],
+                    num_train_timesteps: int = 1000) -> tuple[list[float], Optional[float]]:
+    """(guidance scale of each expert, boundary timestep or None) of the sample settings `s`."""
+    scale_2 = s.guidance_scale if s.guidance_scale_2 is None else s.guidance_scale_2
+    boundary = None if num_experts == 1 else boundary_ratio * num_train_timesteps
+    return [s.guidance_scale, scale_2][:num_experts], boundary

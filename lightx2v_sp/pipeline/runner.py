@@ -1,7 +1,9 @@
 """One text-to-video run: preflight -> text -> load DiT -> denoise -> decode -> write.
 
 `run(cfg, device)` is what `python -m lightx2v_sp.generate` calls after joining the process group
-(it also runs inside tests' spawned ranks). Every check that could fail on one rank only runs
+(it also runs inside tests' spawned ranks): `load_models` (preflight, text encoder, DiT / experts,
+VAE, layout) then `run_job` (this job's prompts, image, denoise, decode, write, summary). The server
+and `generate --prompts` (serve/) load once and call `run_job` per job on models that stay loaded. Every check that could fail on one rank only runs
 through `checks.agreed`, so a user error stops all ranks with one message instead of a hang.
 Every rank decodes a band of the video's rows (pipeline/decode.py) and rank 0 gathers and writes
 it; the other ranks wait for its outcome (on its heartbeat, not a collective timeout:
@@ -33,17 +35,18 @@ from .conditioning import image_inputs, needs_image_stage
 from .decode import decode_rows, gather_video, vae_on_every_rank
 from .denoise import denoise
 from .effective import effective_layout
-from .experts import install_experts, load_experts
+from .experts import Experts, expert_sampling, install_experts, load_experts
 from .finite import check_video
 from .image import open_image
-from .kind import boundary_ratio, check_inputs, detect_kind
+from .kind import ModelKind, boundary_ratio, check_inputs, detect_kind
 from .latents import initial_latents, latent_shape
 from .loading import load_checked
 from .loras import check_loras
 from .output import check_ours, check_video_writer, check_writable, summary_path, write_summary, write_video
-from .paths import model_paths_for
+from .paths import ModelPaths, model_paths_for
+from .prompt_cache import PromptCache, prompt_pair
 from .rank0_stage import rank0_stage
-from .text import check_text_encoder_layout, encode_prompts
+from .text import PromptEncoder, check_text_encoder_layout
 
 log = logging.getLogger("lightx2v_sp")
 
@@ -79,11 +82,36 @@ class _Stages:
         log.info("%-8s %.2fs", name, self.times[name])
 
 
-def _preflight(cfg, device: torch.device):
+@dataclass
+class Loaded:
+    """What `run_job` needs and what stays loaded between jobs."""
+    cfg: object                       # the config the models were loaded with
+    device: torch.device
+    dims: ParallelDims
+    paths: ModelPaths
+    kind: ModelKind
+    models: Optional[list]            # the DiT(s); None once a one-job run dropped them
+    experts: Optional[Experts]
+    vae: Optional[WanVAE]             # rank 0, or every rank with split decode
+    kernel: str                       # the local attention kernel `auto` resolved to
+    prompts: PromptCache              # contexts of recent prompt pairs
+    text: Optional[PromptEncoder]     # kept loaded by `keep=True`; else dropped after the first pair
+    keep: bool                        # many jobs: nothing is dropped after a job
+    out_path: Optional[str] = None    # one-job runs: rank 0's checked output path
+
+    @property
+    def split_decode(self) -> bool:
+        return vae_on_every_rank(self.cfg.vae, self.dims.world_size)
+
+
+Stages = _Stages  # for the job loop (serve/loop.py): one per job
+
+
+def _preflight(cfg, device: torch.device, job: bool = True):
     world, rank = job_size_rank()
     out = None
     if rank == 0:  # cheapest first
-        out = check_writable(cfg.output.path)
+        out = check_writable(cfg.output.path) if job else None
         check_video_writer()
     check_text_encoder_layout(cfg.text_encoder, device, world)
     paths = model_paths_for(cfg.model)
@@ -91,9 +119,10 @@ def _preflight(cfg, device: torch.device):
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads)
     check_before_loading(cfg, device, world, rank, paths.root)  # CUDA only: the plan against free memory
     kind = detect_kind(paths)
-    check_inputs(kind, cfg)
-    if cfg.image is not None and rank == 0:  # rank 0 encodes it
-        open_image(cfg.image)
+    if job:  # else every job is checked on its own (pipeline/job.py)
+        check_inputs(kind, cfg)
+        if cfg.image is not None and rank == 0:  # rank 0 encodes it
+            open_image(cfg.image)
     return paths, out, kind
 
 
@@ -117,19 +146,37 @@ def _comm_summary(per_rank: list[dict]) -> dict:
 def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = False) -> RunResult:
     """Generate the video described by `cfg` (every rank of the job calls this)."""
     started = time.perf_counter()
-    world, rank = job_size_rank()
     stages = _Stages(device)
+    loaded = load_models(cfg, device, stages)
+    return run_job(loaded, cfg, stages, started, loaded.out_path, progress=progress, keep_video=keep_video)
+
+
+def load_models(cfg, device: torch.device, stages: "_Stages", keep: bool = False, prompt_cache: int = 0) -> Loaded:
+    """Preflight, text encoder, DiT(s), VAE, layout: everything a job runs on (every rank calls this).
+
+    keep=False (one job): `cfg` is that job; its prompts are encoded here and the encoder dropped
+    before the DiT loads, and `run_job` drops the DiT before decoding. keep=True (many jobs): the
+    jobs are checked one by one, the encoder stays where `text_encoder.device` puts it, and the
+    contexts of the last `prompt_cache` prompt pairs are kept.
+    """
+    world, rank = job_size_rank()
     dtype = DTYPES[cfg.model.dtype]
     split_decode = vae_on_every_rank(cfg.vae, world)
 
     with stages("preflight"):
-        paths, out_path, kind = agreed("preflight", lambda: _preflight(cfg, device))
+        paths, out_path, kind = agreed("preflight", lambda: _preflight(cfg, device, job=not keep))
         dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s)
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s), device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, device, paths.root)
 
+    prompts = PromptCache(prompt_cache if keep else 1)
     with stages("text"):
-        contexts = encode_prompts(cfg, paths, dims, device, dtype)
+        text = PromptEncoder(cfg, paths, dims, device, dtype)
+        if not keep:
+            pair = prompt_pair(cfg)
+            prompts.put(pair, text.encode(*pair))
+            text.close()
+            text = None
 
     with stages("load"):
         def load():
@@ -149,6 +196,33 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
             return models, vae, kernel
         models, vae, kernel = agreed("loading the DiT", load)
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
+    return Loaded(cfg=cfg, device=device, dims=dims, paths=paths, kind=kind, models=models, experts=experts, vae=vae,
+                  kernel=kernel, prompts=prompts, text=text, keep=keep, out_path=out_path)
+
+
+def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Optional[str], progress: bool = True,
+            keep_video: bool = False, on_step=None) -> RunResult:
+    """One video on the loaded models: `cfg` is the job's config (the loaded one with the job's prompt,
+    seed, image, sample settings and output, checked: pipeline/job.py), `out_path` rank 0's checked
+    output path. `on_step(step, num_steps)` runs on every rank after each denoising step (it may raise
+    to stop the job, on every rank at the same step)."""
+    world, rank = job_size_rank()
+    device, dims, kind, vae, kernel, paths = (loaded.device, loaded.dims, loaded.kind, loaded.vae, loaded.kernel,
+                                              loaded.paths)
+    dtype = DTYPES[cfg.model.dtype]
+    split_decode = loaded.split_decode
+    experts = loaded.experts  # a job's sample settings may pick other guidance scales and boundary
+    experts.guidance_scales, experts.boundary_timestep = expert_sampling(
+        cfg.sample, len(experts.models), boundary_ratio(kind, cfg.sample))
+    experts.num_switches = 0
+
+    pair = prompt_pair(cfg)
+    contexts = loaded.prompts.get(pair)
+    cached = contexts is not None
+    if not cached:
+        with stages("text"):
+            contexts = loaded.text.encode(*pair)
+        loaded.prompts.put(pair, contexts)
 
     s = cfg.sample
     shape = latent_shape(experts.config.out_dim, s.num_frames, s.height, s.width, *kind.vae_strides)
@@ -157,17 +231,22 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         with stages("image"):
             image = image_inputs(cfg, kind, vae, shape, experts.config.condition_dim, device, dtype, world, rank)
     denoise_stats: dict = {}
-    with stages("denoise"):
-        latents = initial_latents(cfg.seed, shape, device)
-        latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
-                          stats=denoise_stats, **image)
-    experts.release()
-    lora_summary = [entry for m in models for entry in getattr(m, "lora_summary", [])]
+    try:
+        with stages("denoise"):
+            latents = initial_latents(cfg.seed, shape, device)
+            latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
+                              stats=denoise_stats, on_step=on_step, **image)
+    finally:
+        experts.release()
+    lora_summary = [entry for m in loaded.models for entry in getattr(m, "lora_summary", [])]
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
-    del models, experts, contexts, image
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del experts, contexts, image
+    if not loaded.keep:  # one job: the DiT's memory goes to the decode
+        loaded.models = loaded.experts = None
+        loaded.prompts.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     per_rank = all_gather_objects({"comm": {k: v.as_dict() for k, v in stages.comm.items()},
                                    "peak_memory": stages.memory.as_dict(), "times": dict(stages.times),
@@ -203,6 +282,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len,
                                   "cut_tokens": cut_tokens}  # beyond text_len, per prompt (warned)
+        if loaded.keep:  # many jobs: whether this pair's contexts came from the cache
+            result.summary["text"]["prompt_cache"] = "hit" if cached else "miss"
         result.summary["denoise"] = {**denoise_stats, "guidance_scale": s.guidance_scale,
                                      "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
                                      "note": "dit_forwards: DiT calls on rank 0 (one per step without CFG, two "

@@ -4,7 +4,8 @@ The encoder is laid out over all ranks per `text_encoder.parallel` (replicate | 
 models/t5/parallelize.py) and placed per `text_encoder.device` (gpu | cpu | swap). A tp rank
 reads only its shard of the weights from disk. Every rank ends with the same contexts:
 [1, text_len, d_model] each, zeros after each prompt's last token (Wan's layout).
-The encoder is dropped after this stage: one run encodes one prompt pair.
+`encode_prompts` loads, encodes one prompt pair and drops the encoder (one run, one pair);
+`PromptEncoder` keeps it loaded for many jobs (serve/: the server and `generate --prompts`).
 """
 from __future__ import annotations
 
@@ -59,31 +60,53 @@ def load_text_encoder(path: str, te_cfg, dtype: torch.dtype, dims) -> T5Encoder:
     return T5Encoder.from_pretrained(path, dtype=dtype, device="cpu", shard=shard)
 
 
+class PromptEncoder:
+    """The tokenizer and the laid-out, placed encoder, loaded once; `encode` per prompt pair."""
+
+    def __init__(self, cfg, paths, dims, device: torch.device, dtype: torch.dtype):
+        te_cfg = self.te_cfg = cfg.text_encoder
+        self.paths, self.device, self.dtype = paths, device, dtype
+
+        def load():
+            tokenizer = load_component("tokenizer", paths.tokenizer, lambda: load_tokenizer(paths.tokenizer))
+            encoder = load_checked("UMT5 text encoder", paths.text_encoder,
+                                   lambda: load_text_encoder(paths.text_encoder, te_cfg, dtype, dims))
+            return tokenizer, encoder
+
+        self.tokenizer, encoder = agreed("loading the text encoder", load)
+        parallelize_t5(encoder, dims, mode=te_cfg.parallel, symmetric_memory=cfg.comm.symmetric_memory)
+        self.placement = ComponentPlacement(encoder, te_cfg.device, device, name="text_encoder")
+
+    def encode(self, prompt: str, negative_prompt: Optional[str]) -> TextContexts:
+        """Contexts of `prompt` (and of `negative_prompt` unless None: no guidance) on every rank."""
+        prompts = [prompt] + ([negative_prompt] if negative_prompt is not None else [])
+        text_len, vocab = self.te_cfg.text_len, self.placement.module.config.vocab_size
+
+        def tokens():
+            ids, mask = tokenize(self.tokenizer, prompts, text_len)
+            cut = cut_tokens(self.tokenizer, prompts, text_len)
+            if int(ids.max()) >= vocab:
+                raise ValueError(f"the tokenizer at {self.paths.tokenizer} produced token id {int(ids.max())}, but "
+                                 f"the text encoder at {self.paths.text_encoder} has {vocab} embeddings; they do "
+                                 "not belong together")
+            return ids, mask, cut
+
+        ids, mask, cut = agreed("tokenizing the prompts", tokens)
+        with torch.no_grad(), self.placement.on_device() as enc:
+            run_on = self.placement.execution_device
+            context = enc(ids.to(run_on), mask.to(run_on)).to(device=self.device, dtype=self.dtype)
+        return TextContexts(cond=context[:1], uncond=context[1:2] if negative_prompt is not None else None,
+                            num_tokens=[int(n) for n in mask.sum(dim=1)], cut_tokens=cut)
+
+    def close(self) -> None:
+        del self.placement
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -> TextContexts:
-    te_cfg = cfg.text_encoder
-    use_uncond = cfg.sample.guidance_scale != 1.0
-    prompts = [cfg.prompt] + ([cfg.negative_prompt] if use_uncond else [])
-
-    def load():
-        tokenizer = load_component("tokenizer", paths.tokenizer, lambda: load_tokenizer(paths.tokenizer))
-        encoder = load_checked("UMT5 text encoder", paths.text_encoder,
-                               lambda: load_text_encoder(paths.text_encoder, te_cfg, dtype, dims))
-        ids, mask = tokenize(tokenizer, prompts, te_cfg.text_len)
-        cut = cut_tokens(tokenizer, prompts, te_cfg.text_len)
-        if int(ids.max()) >= encoder.config.vocab_size:
-            raise ValueError(f"the tokenizer at {paths.tokenizer} produced token id {int(ids.max())}, but the text "
-                             f"encoder at {paths.text_encoder} has {encoder.config.vocab_size} embeddings; they "
-                             "do not belong together")
-        return encoder, ids, mask, cut
-
-    encoder, ids, mask, cut = agreed("loading the text encoder", load)
-    parallelize_t5(encoder, dims, mode=te_cfg.parallel, symmetric_memory=cfg.comm.symmetric_memory)
-    placement = ComponentPlacement(encoder, te_cfg.device, device, name="text_encoder")
-    with torch.no_grad(), placement.on_device() as enc:
-        run_on = placement.execution_device
-        context = enc(ids.to(run_on), mask.to(run_on)).to(device=device, dtype=dtype)
-    del placement, encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return TextContexts(cond=context[:1], uncond=context[1:2] if use_uncond else None,
-                        num_tokens=[int(n) for n in mask.sum(dim=1)], cut_tokens=cut)
+    encoder = PromptEncoder(cfg, paths, dims, device, dtype)
+    try:
+        return encoder.encode(cfg.prompt, cfg.negative_prompt if cfg.sample.guidance_scale != 1.0 else None)
+    finally:
+        encoder.close()
