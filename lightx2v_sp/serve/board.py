@@ -56,11 +56,11 @@ class Record:
     def public(self, model: str) -> dict:
         s = self.job.cfg.sample
         progress = 100 if self.status == "completed" else (100 * self.step // self.steps if self.steps else 0)
-        timings = {}
+        timings = {}  # seconds: queued (submitted -> taken), to the first step and total from submission
         if self.started_at is not None:
             timings["queued_s"] = round(self.started_at - self.created_at, 3)
             if self.first_step_at is not None:
-                timings["to_first_step_s"] = round(self.first_step_at - self.started_at, 3)
+                timings["to_first_step_s"] = round(self.first_step_at - self.created_at, 3)
             if self.completed_at is not None:
                 timings["run_s"] = round(self.completed_at - self.started_at, 3)
                 timings["total_s"] = round(self.completed_at - self.created_at, 3)

@@ -72,7 +72,7 @@ class _Http:
         import uvicorn
 
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, limit_concurrency=64)  # beyond: 503
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
                                        name="lightx2v_sp-http")
