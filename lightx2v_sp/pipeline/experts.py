@@ -80,6 +80,14 @@ class Experts:
             handle.release_buffers()
         self.active = None
 
+    def park(self) -> None:
+        """Free the device memory held for denoising, keeping what the next job of a load-once run
+        (serve/) needs to run them again: unlike `release`, nothing is closed for good."""
+        self._resident.close()
+        for handle in self.block_offloads:
+            handle.release_buffers()
+        self.active = None
+
     def summary(self) -> dict:
         return {"num_experts": len(self.models), "guidance_scales": self.guidance_scales,
                 "boundary_timestep": self.boundary_timestep, "switches": self.num_switches}

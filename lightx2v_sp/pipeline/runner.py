@@ -123,6 +123,8 @@ def _preflight(cfg, device: torch.device, job: bool = True):
         check_inputs(kind, cfg)
         if cfg.image is not None and rank == 0:  # rank 0 encodes it
             open_image(cfg.image)
+    else:  # the experts are installed with the config's boundary
+        boundary_ratio(kind, cfg.sample)
     return paths, out, kind
 
 
@@ -237,7 +239,10 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
             latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
                               stats=denoise_stats, on_step=on_step, **image)
     finally:
-        experts.release()
+        if loaded.keep:  # the next job runs them again
+            experts.park()
+        else:
+            experts.release()
     lora_summary = [entry for m in loaded.models for entry in getattr(m, "lora_summary", [])]
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}

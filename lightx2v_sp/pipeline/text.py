@@ -21,6 +21,7 @@ from lightx2v_sp.offload import ComponentPlacement
 
 from .checks import agreed
 from .loading import load_checked, load_component
+from .prompt_cache import prompt_pair
 
 log = logging.getLogger("lightx2v_sp")
 
@@ -107,6 +108,6 @@ class PromptEncoder:
 def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -> TextContexts:
     encoder = PromptEncoder(cfg, paths, dims, device, dtype)
     try:
-        return encoder.encode(cfg.prompt, cfg.negative_prompt if cfg.sample.guidance_scale != 1.0 else None)
+        return encoder.encode(*prompt_pair(cfg))
     finally:
         encoder.close()

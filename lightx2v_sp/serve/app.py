@@ -162,11 +162,12 @@ def create_app(board: JobBoard, info: ServeInfo) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
-    def record_or_404(video_id: str) -> Record:
-        record = board.record(video_id) if JOB_ID.match(video_id) else None
-        if record is None:
+    def found(video_id: str, lookup=board.record):
+        """`lookup(video_id)` (a record by default), or 404 for an unknown or malformed id."""
+        out = lookup(video_id) if JOB_ID.match(video_id) else None
+        if out is None:
             raise HTTPException(404, f"no video with id {video_id!r}")
-        return record
+        return out
 
     @v1.post("/videos")
     async def create_video(request: Request):
@@ -212,14 +213,11 @@ def create_app(board: JobBoard, info: ServeInfo) -> FastAPI:
 
     @v1.get("/videos/{video_id}")
     def get_video(video_id: str):
-        out = board.get(video_id) if JOB_ID.match(video_id) else None
-        if out is None:
-            raise HTTPException(404, f"no video with id {video_id!r}")
-        return out
+        return found(video_id, board.get)
 
     @v1.get("/videos/{video_id}/content")
     def get_content(video_id: str):
-        record = record_or_404(video_id)
+        record: Record = found(video_id)
         if record.status != "completed":
             raise HTTPException(404, f"{video_id} is {record.status}; its video exists once it is completed")
         return FileResponse(record.job.cfg.output.path, media_type="video/mp4", filename=f"{video_id}.mp4",
@@ -227,17 +225,14 @@ def create_app(board: JobBoard, info: ServeInfo) -> FastAPI:
 
     @v1.get("/videos/{video_id}/summary")
     def get_summary(video_id: str):
-        record = record_or_404(video_id)
+        record: Record = found(video_id)
         if record.summary is None:
             raise HTTPException(404, f"{video_id} is {record.status}; its summary exists once it is completed")
         return JSONResponse(json.loads(json.dumps(record.summary, default=str)))
 
     @v1.delete("/videos/{video_id}")
     def delete_video(video_id: str):
-        out = board.cancel(video_id) if JOB_ID.match(video_id) else None
-        if out is None:
-            raise HTTPException(404, f"no video with id {video_id!r}")
-        return out
+        return found(video_id, board.cancel)
 
     @v1.get("/models")
     def models():

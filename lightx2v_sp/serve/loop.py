@@ -61,7 +61,6 @@ class JobLoop:
         self.progress = progress
         self.terminating: Optional[str] = None   # set (by a signal handler) when this rank must go
         self.stopping: Optional[str] = None      # the loop ends after this job: why
-        self.jobs_run = 0
 
     def _wish(self, job: Job, reporter: Optional[Reporter]) -> int:
         if self.terminating:
@@ -80,7 +79,6 @@ class JobLoop:
     def run_one(self, job: Job, reporter: Optional[Reporter] = None) -> tuple[Optional[RunResult], Optional[AgreedError]]:
         """Run `job` on this rank; (result, None) or (None, the error every rank shares)."""
         stages, started = Stages(self.loaded.device), time.perf_counter()
-        self.jobs_run += 1
 
         def on_step(step: int, num_steps: int) -> None:
             if reporter is not None:
