@@ -16,10 +16,10 @@ import time
 
 import pytest
 import torch
+from serve_helpers import CONFIG, KEY, Server, env_for, multipart, png_bytes, request, wait_for
 
 from lightx2v_sp.config import load_config
 from lightx2v_sp.models import tiny
-from serve_helpers import CONFIG, KEY, Server, env_for, multipart, png_bytes, request, wait_for
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -245,7 +245,7 @@ def test_page_makes_a_video_that_plays(server, tmp_path):
 
 
 def test_sigterm_stops_the_running_job_and_leaves_no_file(server, out_dir):
-    status, job, _ = _post(server, {"prompt": "long", "steps": 1000})
+    job = _post(server, {"prompt": "long", "steps": 1000})[1]
     wait_for(server.url, job["id"], statuses=("in_progress",), step=1)
     assert server.stop() == 0, server.text()[-2000:]
     log = server.text()

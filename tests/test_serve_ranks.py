@@ -16,10 +16,10 @@ import sys
 import time
 
 import pytest
+from serve_helpers import ROOT, Server, env_for, multipart, request, wait_for
 
 from lightx2v_sp.models import tiny
 from lightx2v_sp.testing import free_port
-from serve_helpers import ROOT, Server, env_for, multipart, request, wait_for
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -129,7 +129,7 @@ class _Report:
 
 def run_prompt_file(cfg, device: torch.device, path: str) -> int:
     """Every rank: load once, make every item of `path`; the exit status (0, or 2 if an item failed)."""
-    world, rank = job_size_rank()
+    rank = job_size_rank()[1]
     items = agreed("reading the prompt file", lambda: read_items(path, cfg) if rank == 0 else None)
     loaded = load_models(cfg, device, Stages(device), keep=True, prompt_cache=cfg.serve.prompt_cache)
     loop = JobLoop(loaded, progress=True)

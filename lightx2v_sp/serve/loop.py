@@ -13,6 +13,7 @@ per step, next to a DiT step's two all_to_alls per layer.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -97,7 +98,7 @@ class JobLoop:
             return result, None
         except AgreedError as e:  # every rank has it: this job failed, the next one can run
             return None, e
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if self.world > 1 or is_peer_lost(e):  # ranks may be out of step: nothing more can run
                 raise
             traceback.print_exc()
@@ -121,10 +122,8 @@ class JobLoop:
                 result, error = self.run_one(job, reporter)
                 reporter.finished(job, result, error)
         finally:
-            try:
+            with contextlib.suppress(Exception):  # the store is gone with a lost rank: nobody to tell
                 self.channel.post(STOP)
-            except Exception:  # noqa: BLE001 - the store is gone with a lost rank: nobody to tell
-                pass
             self.channel.close()
 
     def follow(self) -> None:
