@@ -194,6 +194,26 @@ class OutputConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = _f("127.0.0.1", "address the HTTP server (python -m lightx2v_sp.serve) binds; 127.0.0.1 = this machine "
+                                "only; 0.0.0.0 opens it to the network: set an API key (api_key_env) first")
+    port: int = _f(8000, "TCP port of the HTTP server; 0 = a free port the system picks (the URL is printed)")
+    queue_size: int = _f(8, "jobs that may wait behind the running one; a request beyond them is refused with 429")
+    api_key_env: Optional[str] = _f("LIGHTX2V_SP_API_KEY", "environment variable holding the API key: when it is set "
+                                                          "and not empty, every /v1 request needs the header "
+                                                          "'Authorization: Bearer <key>' (else 401); null = no key")
+    output_dir: str = _f("outputs/serve", "the server's own directory: its videos, summaries and uploaded images, "
+                                          "named by job id (no name or path from a request is used)")
+    max_request_bytes: int = _f(16 << 20, "largest request body in bytes (JSON or multipart, an image included); "
+                                          "larger requests are refused with 413")
+    max_prompt_chars: int = _f(20000, "longest prompt or negative prompt a request may carry, in characters")
+    keep_jobs: int = _f(1000, "finished jobs the server remembers for GET /v1/videos; older ones are forgotten "
+                              "(their files stay in output_dir)")
+    prompt_cache: int = _f(16, "server and generate --prompts: text contexts of this many recent prompt pairs "
+                               "stay cached, so a repeated pair is not encoded again; 0 = none")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "checkpoint and dtype"})
     prompt: str = _f("A cat walks on the grass, realistic style.", "text prompt")
@@ -216,6 +236,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"doc": "where results go"})
     cache: CacheConfig = field(default_factory=CacheConfig, metadata={"doc": "step caching (TeaCache, MagCache, "
                                                                              "first-block cache)"})
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "the HTTP server and load-once modes"})
     lora: List[LoraConfig] = field(default_factory=list, metadata={
         "doc": "LoRA adapters merged into the DiT weights at load, in order: a list of {path, scale, expert}; "
                "command line: lora='[{path: a.safetensors, scale: 0.8}]', then lora.0.scale=0.5 edits an entry "
@@ -364,6 +385,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"{s.guidance_scale} (<= 1) skips the unconditional pass; half of the ranks would idle")
     _validate_timesteps(s)
     _validate_quant(cfg)
+    _validate_serve(cfg.serve)
     for i, entry in enumerate(cfg.lora):
         if not entry.path:
             raise ValueError(f"lora.{i}.path is empty; {_LORA_ENTRY}")
@@ -371,6 +393,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         if entry.expert not in experts:
             raise ValueError(f"lora.{i}.expert = {entry.expert!r} is not one of {list(experts)}")
     return cfg
+
+
+def _validate_serve(v: ServeConfig) -> None:
+    if not 0 <= v.port < 65536:
+        raise ValueError(f"config key 'serve.port' = {v.port} is not a TCP port (1..65535, or 0 for any free one)")
+    for key, value, minimum in [("queue_size", v.queue_size, 1), ("max_request_bytes", v.max_request_bytes, 1024),
+                                ("max_prompt_chars", v.max_prompt_chars, 1), ("keep_jobs", v.keep_jobs, 1),
+                                ("prompt_cache", v.prompt_cache, 0)]:
+        if value < minimum:
+            raise ValueError(f"config key 'serve.{key}' = {value} must be >= {minimum}")
+    if not v.host or not v.output_dir:
+        raise ValueError("config keys 'serve.host' and 'serve.output_dir' must not be empty")
 
 
 def _validate_timesteps(s: SampleConfig) -> None:

@@ -5,6 +5,7 @@
     python -m lightx2v_sp.generate --config X --help-config   # every key, the value the run would use, its doc
     python -m lightx2v_sp.generate --config X --plan [--gpus N] [--gpu-memory GiB]   # memory plan, no loading
     python -m lightx2v_sp.generate --config X --dry-run [--gpus N] [--gpu-memory GiB]  # real shapes, no weights
+    python -m lightx2v_sp.generate --config X --prompts prompts.txt   # load once, one video per line (serve/batch.py)
 
 The same command runs as one process or under torchrun (one node or several). User errors
 (bad key or value, a layout that does not fit, a missing model, an unwritable output) print one
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
                    help="GPU memory per rank the plan checks against (default: free memory of this GPU, "
                         "else 24 GiB)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="load once, then one video per prompt: a text file (one prompt a line) or .jsonl (one job "
+                        "a line: prompt, negative_prompt, seed, image, output, steps, guidance_scale, size, "
+                        "num_frames, ...); bad items are reported and skipped, finished ones skipped on a rerun")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. parallel.ulysses_degree=2 sample.steps=10")
     return p
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
     _setup_logging(rank)
     args = _parser().parse_args(argv)
     from lightx2v_sp.config import describe, load_config
-    from lightx2v_sp.distributed import init_distributed, resolve_device, shutdown_distributed
+    from lightx2v_sp.distributed import resolve_device
 
     # Config errors are the same on every rank (same files, same arguments): no collective needed.
     try:
@@ -147,16 +152,30 @@ def main(argv=None) -> int:
                          "--plan shows what to change", EXIT_DOES_NOT_FIT, hard=False)
         return 0
 
+    from lightx2v_sp.pipeline import run
+
+    if args.prompts is not None:
+        from lightx2v_sp.serve.batch import run_prompt_file
+
+        return run_reporting(cfg, device, lambda: run_prompt_file(cfg, device, args.prompts))
+    return run_reporting(cfg, device, lambda: run(cfg, device))
+
+
+def run_reporting(cfg, device, body, terminate=None) -> int:
+    """Join the process group, run `body()` and turn what it raises into one line and an exit status
+    (its own return value when it returns an int). `terminate`: the SIGTERM context (default: raise)."""
+    from lightx2v_sp.distributed import init_distributed, shutdown_distributed
     from lightx2v_sp.distributed.peer_lost import PeerLostError, is_peer_lost
-    from lightx2v_sp.pipeline import AgreedError, run
+    from lightx2v_sp.pipeline import AgreedError
     from lightx2v_sp.signals import Terminated, terminate_raises
 
+    rank = _env_rank()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {rank}] " if world > 1 else ""
     try:
-        with terminate_raises():
+        with (terminate or terminate_raises)():
             init_distributed(device, cfg.comm.timeout_s)
-            run(cfg, device)
+            code = body()
     except AgreedError as e:  # every rank raised it together: clean teardown is safe
         if rank == 0:  # report before teardown: torchrun may SIGTERM us once a peer has exited
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -182,7 +201,7 @@ def main(argv=None) -> int:
         traceback.print_exc()
         return _fail(f"[rank {rank}] error: the run failed (traceback above)", EXIT_FAILURE, hard=world > 1)
     shutdown_distributed()
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device, transport
 @torch.no_grad()
 def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
             condition: torch.Tensor | None = None, image_context: torch.Tensor | None = None,
-            first_frame: torch.Tensor | None = None, stats: dict | None = None, cache=None) -> torch.Tensor:
+            first_frame: torch.Tensor | None = None, stats: dict | None = None, cache=None,
+            on_step=None) -> torch.Tensor:
     """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32).
 
     `model` is one DiT or the `Experts` of a two-expert model (which one runs, and its guidance
@@ -100,7 +101,8 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
     DiT input and of the result, and its tokens get timestep 0 (the others t), as diffusers'
     expand_timesteps does. `stats` (optional) receives this rank's DiT forward count and the
     timesteps it ran. `cache` (a pipeline.cache.StepCache, optional) decides per step and branch whether
-    the DiT's blocks run; its decisions go to `stats["cache"]`.
+    the DiT's blocks run; its decisions go to `stats["cache"]`. `on_step(step, num_steps)` (optional)
+    runs after each step: progress and cancellation of served jobs (serve/); it may raise to stop the loop.
     """
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift, timesteps=s.timesteps)
@@ -133,6 +135,8 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
             velocity = guided_prediction(forward, contexts.cond, contexts.uncond, scale, dims)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             check_latents(latents, step, num_steps)
+            if on_step is not None:
+                on_step(step, num_steps)
             now = time.perf_counter()
             step_times.append(round(now - last, 4))
             last = now

@@ -81,6 +81,14 @@ class Experts:
             handle.close()
         self.active = None
 
+    def park(self) -> None:
+        """Free the device memory held for denoising, keeping what the next job of a load-once run
+        (serve/) needs to run them again: unlike `release`, nothing is closed for good."""
+        self._resident.close()
+        for handle in self.block_offloads:
+            handle.release_buffers()
+        self.active = None
+
     def summary(self) -> dict:
         return {"num_experts": len(self.models), "guidance_scales": self.guidance_scales,
                 "boundary_timestep": self.boundary_timestep, "switches": self.num_switches}
@@ -115,14 +123,19 @@ def install_experts(models: list[WanModel], cfg, dims, device: torch.device, bou
     offload requires). `transport` replaces the CUDA one (tests: HostTransport on CPU)."""
     from .denoise import install_parallel
 
-    s = cfg.sample
     handles = [install_parallel(m, cfg, dims, device, transport=transport) for m in models]
     offloads = [h for h in handles if h is not None]
     placements = None
     if cfg.offload.dit == "swap":
         placements = [ComponentPlacement(m, "swap", device, name=f"dit expert {i}", transport=transport)
                       for i, m in enumerate(models)]
-    scale_2 = s.guidance_scale if s.guidance_scale_2 is None else s.guidance_scale_2
-    scales = [s.guidance_scale, scale_2][:len(models)]
-    boundary = None if len(models) == 1 else boundary_ratio * num_train_timesteps
+    scales, boundary = expert_sampling(cfg.sample, len(models), boundary_ratio, num_train_timesteps)
     return Experts(models, scales, boundary, placements, offloads)
+
+
+def expert_sampling(s, num_experts: int, boundary_ratio: Optional[float],
+                    num_train_timesteps: int = 1000) -> tuple[list[float], Optional[float]]:
+    """(guidance scale of each expert, boundary timestep or None) of the sample settings `s`."""
+    scale_2 = s.guidance_scale if s.guidance_scale_2 is None else s.guidance_scale_2
+    boundary = None if num_experts == 1 else boundary_ratio * num_train_timesteps
+    return [s.guidance_scale, scale_2][:num_experts], boundary

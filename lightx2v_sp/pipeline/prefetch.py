@@ -124,7 +124,7 @@ def load_alongside_text(cfg, device: torch.device, world: int, rank: int, shapes
     return fits
 
 
-def load_models(cfg, paths, kind, device: torch.device, dtype: torch.dtype, load_vae: bool, dims, geometry):
+def load_weights(cfg, paths, kind, device: torch.device, dtype: torch.dtype, load_vae: bool, dims, geometry):
     """(the DiT(s), the VAE or None, the attention kernel's name): what the denoise and decode stages
     need, the kernel ready to run (attention/kernel_cache.py). Runs no collective (the Loader's thread
     may run it); its errors are the caller's to agree on."""

@@ -1,11 +1,13 @@
-"""One text-to-video run: preflight -> text -> load DiT -> denoise -> decode -> write.
+"""One text-to-video run: preflight -> text (DiT + VAE loading alongside) -> denoise -> decode -> write.
 
 `run(cfg, device)` is what `python -m lightx2v_sp.generate` calls after joining the process group
-(it also runs inside tests' spawned ranks). Every check that could fail on one rank only runs
-through `checks.agreed`, so a user error stops all ranks with one message instead of a hang.
-Every rank decodes a band of the video's rows (pipeline/decode.py) and rank 0 gathers and writes
-it; the other ranks wait for its outcome (on its heartbeat, not a collective timeout:
-rank0_stage.py) and fail with it.
+(it also runs inside tests' spawned ranks): `load_models` (preflight, text encoder, DiT / experts,
+VAE, layout) then `run_job` (this job's prompts, image, denoise, decode, write, summary). The server
+and `generate --prompts` (serve/) load once and call `run_job` per job on models that stay loaded.
+Every check that could fail on one rank only runs through `checks.agreed`, so a user error stops
+all ranks with one message instead of a hang. Every rank decodes a band of the video's rows
+(pipeline/decode.py) and rank 0 gathers and writes it; the other ranks wait for its outcome (on its
+heartbeat, not a collective timeout: rank0_stage.py) and fail with it.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from lightx2v_sp.distributed.groups import job_size_rank
 from lightx2v_sp.models.vae import to_uint8_frames
 from lightx2v_sp.offload import StageMemory
 from lightx2v_sp.plan import check_before_loading, plan_summary, shapes_of
+from lightx2v_sp.plan_sizes import Shapes
 
 from .cache import StepCache, cache_summary, settings_for_run
 from .checks import agreed, all_gather_objects
@@ -33,20 +36,21 @@ from .conditioning import image_inputs, needs_image_stage
 from .decode import decode_rows, gather_video, vae_on_every_rank
 from .denoise import denoise
 from .effective import effective_layout
-from .experts import install_experts
+from .experts import Experts, expert_sampling, install_experts
 from .finite import check_video
-from .image import open_image
-from .kind import boundary_ratio, check_inputs, detect_kind
 from .geometry import video_geometry
+from .image import open_image
+from .kind import ModelKind, boundary_ratio, check_inputs, detect_kind
 from .latents import initial_latents
 from .loras import check_loras
 from .output import OutputPair, check_ours, check_video_writer, check_writable, summary_path
-from .paths import model_paths_for
-from .prefetch import Loader, load_alongside_text, load_models
+from .paths import ModelPaths, model_paths_for
+from .prefetch import Loader, load_alongside_text, load_weights
+from .prompt_cache import PromptCache, prompt_pair
 from .quant import run_summary as quant_summary
 from .rank0_stage import rank0_stage
 from .step_times import first_step_cost
-from .text import check_text_encoder_layout, encode_prompts
+from .text import PromptEncoder, check_text_encoder_layout
 
 log = logging.getLogger("lightx2v_sp")
 
@@ -82,25 +86,56 @@ class _Stages:
         log.info("%-8s %.2fs", name, self.times[name])
 
 
-def _preflight(cfg, device: torch.device):
+@dataclass
+class Loaded:
+    """What `run_job` needs and what stays loaded between jobs."""
+    cfg: object                       # the config the models were loaded with
+    device: torch.device
+    dims: ParallelDims
+    paths: ModelPaths
+    kind: ModelKind
+    shapes: Shapes                    # the resolved checkpoint's configs (the plan's and the geometry's)
+    models: Optional[list]            # the DiT(s); None once a one-job run dropped them
+    experts: Optional[Experts]
+    vae: object                       # WanVAE on rank 0, or on every rank with split decode; else None
+    kernel: str                       # the local attention kernel `auto` resolved to
+    prompts: PromptCache              # contexts of recent prompt pairs
+    text: Optional[PromptEncoder]     # kept loaded by `keep=True`; else dropped after the first pair
+    keep: bool                        # many jobs: nothing is dropped after a job
+    out_path: Optional[str] = None    # one-job runs: rank 0's checked output path
+    cache: object = None              # one-job runs: the step cache settings the preflight checked
+    prefetch: dict = field(default_factory=dict)  # how the DiT and VAE load went (prefetch.Loader)
+
+    @property
+    def split_decode(self) -> bool:
+        return vae_on_every_rank(self.cfg.vae, self.dims.world_size)
+
+
+Stages = _Stages  # for the job loop (serve/loop.py): one per job
+
+
+def _preflight(cfg, device: torch.device, job: bool = True):
     world, rank = job_size_rank()
     out = None
     if rank == 0:  # cheapest first
-        out = check_writable(cfg.output.path)
+        out = check_writable(cfg.output.path) if job else None
         check_video_writer()
     check_text_encoder_layout(cfg.text_encoder, device, world)
     paths = model_paths_for(cfg.model)
     check_loras(cfg)
     check_layout(world, _ulysses(cfg), cfg.parallel.cfg_degree, paths.num_heads, ring_degree=cfg.parallel.ring_degree)
     kind = detect_kind(paths)
-    check_inputs(kind, cfg)
-    cache = settings_for_run(cfg, kind, paths)
+    cache = None
+    if job:  # else every job is checked on its own (pipeline/job.py)
+        check_inputs(kind, cfg)
+        cache = settings_for_run(cfg, kind, paths)
+    else:  # the experts are installed with the config's boundary
+        boundary_ratio(kind, cfg.sample)
     shapes = shapes_of(paths, kind)  # read once: the plan and the geometry
-    geometry = video_geometry(kind, shapes.dit, cfg.sample)
     check_before_loading(cfg, device, world, rank, shapes)  # CUDA only: the plan against free memory
-    if cfg.image is not None and rank == 0:  # rank 0 encodes it
+    if job and cfg.image is not None and rank == 0:  # rank 0 encodes it
         open_image(cfg.image)
-    return paths, out, kind, cache, shapes, geometry
+    return paths, out, kind, shapes, cache
 
 
 def _ulysses(cfg) -> int:
@@ -124,26 +159,45 @@ def _comm_summary(per_rank: list[dict]) -> dict:
 def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = False) -> RunResult:
     """Generate the video described by `cfg` (every rank of the job calls this)."""
     started = time.perf_counter()
-    world, rank = job_size_rank()
     stages = _Stages(device)
+    loaded = load_models(cfg, device, stages)
+    return run_job(loaded, cfg, stages, started, loaded.out_path, progress=progress, keep_video=keep_video)
+
+
+def load_models(cfg, device: torch.device, stages: "_Stages", keep: bool = False, prompt_cache: int = 0) -> Loaded:
+    """Preflight, text encoder, DiT(s), VAE, layout: everything a job runs on (every rank calls this).
+
+    keep=False (one job): `cfg` is that job; its prompts are encoded here and the encoder dropped
+    (the DiT and VAE load alongside, prefetch.py), and `run_job` drops the DiT before decoding.
+    keep=True (many jobs): the jobs are checked one by one, the encoder stays where
+    `text_encoder.device` puts it, and the contexts of the last `prompt_cache` prompt pairs are kept.
+    """
+    world, rank = job_size_rank()
     dtype = DTYPES[cfg.model.dtype]
     split_decode = vae_on_every_rank(cfg.vae, world)
 
     with stages("preflight"):
-        paths, out_path, kind, cache, shapes, geometry = agreed("preflight", lambda: _preflight(cfg, device))
+        paths, out_path, kind, shapes, cache = agreed("preflight", lambda: _preflight(cfg, device, job=not keep))
         dims = ParallelDims(_ulysses(cfg), cfg.parallel.cfg_degree, timeout_s=cfg.comm.timeout_s,
                             ring_degree=cfg.parallel.ring_degree)
     log.info("layout: %d rank(s) = cfg %d x ulysses %d (%s) x ring %d, device %s, model %s", world, dims.cfg_degree,
              dims.ulysses_degree, cfg.parallel.a2a, dims.ring_degree, device, paths.root)
 
     # the DiT and VAE reads overlap the text stage (prefetch.py: no collective in the thread)
+    geometry = video_geometry(kind, shapes.dit, cfg.sample)  # the kernel's warm-up shapes
     alongside = load_alongside_text(cfg, device, world, rank, shapes)
+    prompts = PromptCache(prompt_cache if keep else 1)
     loader = None
     try:
         with stages("text"):
-            loader = Loader(lambda: load_models(cfg, paths, kind, device, dtype, rank == 0 or split_decode,
-                                                dims, geometry), device, alongside)
-            contexts = encode_prompts(cfg, paths, dims, device, dtype)
+            loader = Loader(lambda: load_weights(cfg, paths, kind, device, dtype, rank == 0 or split_decode, dims,
+                                                 geometry), device, alongside)
+            text = PromptEncoder(cfg, paths, dims, device, dtype, keep=keep)
+            if not keep:
+                pair = prompt_pair(cfg)
+                prompts.put(pair, text.encode(*pair))
+                text.close()
+                text = None
     except Exception:
         if loader is not None:
             loader.abandon()
@@ -152,30 +206,70 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
     with stages("load"):
         models, vae, kernel = agreed("loading the DiT", loader.result)
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
+    return Loaded(cfg=cfg, device=device, dims=dims, paths=paths, kind=kind, shapes=shapes, models=models,
+                  experts=experts, vae=vae, kernel=kernel, prompts=prompts, text=text, keep=keep, out_path=out_path,
+                  cache=cache, prefetch=loader.summary())
+
+
+def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Optional[str], progress: bool = True,
+            keep_video: bool = False, on_step=None) -> RunResult:
+    """One video on the loaded models: `cfg` is the job's config (the loaded one with the job's prompt,
+    seed, image, sample settings and output, checked: pipeline/job.py), `out_path` rank 0's checked
+    output path. `on_step(step, num_steps)` runs on every rank after each denoising step (it may raise
+    to stop the job, on every rank at the same step)."""
+    world, rank = job_size_rank()
+    device, dims, kind, vae, kernel, paths = (loaded.device, loaded.dims, loaded.kind, loaded.vae, loaded.kernel,
+                                              loaded.paths)
+    dtype = DTYPES[cfg.model.dtype]
+    split_decode = loaded.split_decode
+    experts = loaded.experts  # a job's sample settings may pick other guidance scales and boundary
+    experts.guidance_scales, experts.boundary_timestep = expert_sampling(
+        cfg.sample, len(experts.models), boundary_ratio(kind, cfg.sample))
+    experts.num_switches = 0
+    # the step cache's settings depend on the job's steps (a one-job run checked them in preflight)
+    cache = loaded.cache if not loaded.keep else agreed("the step cache settings",
+                                                         lambda: settings_for_run(cfg, kind, paths))
+
+    pair = prompt_pair(cfg)
+    contexts = loaded.prompts.get(pair)
+    cached = contexts is not None
+    if not cached:
+        with stages("text"):
+            contexts = loaded.text.encode(*pair)
+        loaded.prompts.put(pair, contexts)
 
     s = cfg.sample
-    shape = geometry.latent
+    shape = video_geometry(kind, loaded.shapes.dit, s).latent
     image = {}
     if needs_image_stage(kind, cfg):
         with stages("image"):
             image = image_inputs(cfg, kind, vae, shape, experts.config.condition_dim, device, dtype, world, rank)
     denoise_stats: dict = {}
-    with stages("denoise"):
-        latents = initial_latents(cfg.seed, shape, device)
-        latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
-                          stats=denoise_stats, cache=StepCache(cache, dims) if cache else None, **image)
-    experts.release()
+    try:
+        with stages("denoise"):
+            latents = initial_latents(cfg.seed, shape, device)
+            latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
+                              stats=denoise_stats, cache=StepCache(cache, dims) if cache else None, on_step=on_step,
+                              **image)
+    finally:
+        if loaded.keep:  # the next job runs them again
+            experts.park()
+        else:
+            experts.release()
     once = first_step_cost(denoise_stats["step_times_s"])
     if once["median_step_s"] is not None:
         log.info("denoise: %.3fs per step after the first, which took %.2fs more (compilation, first-use kernels)",
                  once["median_step_s"], once["first_step_extra_s"])
-    lora_summary = [entry for m in models for entry in getattr(m, "lora_summary", [])]
-    quant = quant_summary(models, cfg)
+    lora_summary = [entry for m in loaded.models for entry in getattr(m, "lora_summary", [])]
+    quant = quant_summary(loaded.models, cfg)
     prompt_tokens, cut_tokens = contexts.num_tokens, contexts.cut_tokens
     experts_summary = {"kind": kind.name, "boundary_source": kind.boundary_source, **experts.summary()}
-    del models, experts, contexts, image
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del experts, contexts, image
+    if not loaded.keep:  # one job: the DiT's memory goes to the decode
+        loaded.models = loaded.experts = None
+        loaded.prompts.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     per_rank = all_gather_objects({"comm": {k: v.as_dict() for k, v in stages.comm.items()},
                                    "peak_memory": stages.memory.as_dict(), "times": dict(stages.times),
@@ -212,6 +306,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
         result.summary["text"] = {"prompt_tokens": prompt_tokens, "text_len": cfg.text_encoder.text_len,
                                   "cut_tokens": cut_tokens}  # beyond text_len, per prompt (warned)
+        if loaded.keep:  # many jobs: whether this pair's contexts came from the cache
+            result.summary["text"]["prompt_cache"] = "hit" if cached else "miss"
         result.summary["denoise"] = {**denoise_stats, **once, "guidance_scale": s.guidance_scale,
                                      "classifier_free_guidance": uses_cfg(s),  # diffusers: guidance_scale > 1
                                      "dit_forwards_per_rank": [r["dit_forwards"] for r in per_rank],
@@ -223,8 +319,8 @@ def run(cfg, device: torch.device, progress: bool = True, keep_video: bool = Fal
         result.summary["cache"] = cache_summary(cache, [r["cache"] for r in per_rank], cfg, paths.as_dict())
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows}
-        result.summary["memory_plan"] = plan_summary(cfg, world, shapes=shapes)
-        result.summary["prefetch"] = loader.summary()
+        result.summary["memory_plan"] = plan_summary(cfg, world, shapes=loaded.shapes)
+        result.summary["prefetch"] = loaded.prefetch
         outputs.commit(result.summary)  # the summary, then the video: replaced together
 
     # the video and its summary replace the previous run's pair together; temporary files go on failure

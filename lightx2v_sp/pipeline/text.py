@@ -4,10 +4,11 @@ The encoder is laid out over all ranks per `text_encoder.parallel` (replicate | 
 models/t5/parallelize.py) and placed per `text_encoder.device` (gpu | cpu | swap). A tp rank
 reads only its shard of the weights from disk. Every rank ends with the same contexts:
 [1, text_len, d_model] each, zeros after each prompt's last token (Wan's layout).
-The encoder is dropped after this stage: one run encodes one prompt pair. So with gpu or swap
-its weights are read from the checkpoint straight onto the GPU (no host copy, nothing pinned)
-and freed when the stage ends: swap's pinned host copy would only serve a second visit, which a
-one-shot run never makes.
+`encode_prompts` loads, encodes one prompt pair and drops the encoder (one run, one pair): so with
+gpu or swap its weights are read from the checkpoint straight onto the GPU (no host copy, nothing
+pinned) and freed when the stage ends, since swap's pinned host copy would only serve a second visit,
+which a one-shot run never makes. `PromptEncoder(keep=True)` keeps it loaded for many jobs (serve/:
+the server and `generate --prompts`), where swap does mean pinned host memory visiting the GPU per job.
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from typing import Optional
 
 import torch
 
-from lightx2v_sp.config import uses_cfg
 from lightx2v_sp.models.t5 import T5Encoder, T5Shard, load_tokenizer, parallelize_t5, tokenize
 from lightx2v_sp.models.t5.tokenizer import clean_prompt
 from lightx2v_sp.offload import ComponentPlacement
 
 from .checks import agreed
 from .loading import load_checked, load_component
+from .prompt_cache import prompt_pair
 
 log = logging.getLogger("lightx2v_sp")
 
@@ -57,10 +58,10 @@ def cut_tokens(tokenizer, prompts: list[str], text_len: int) -> list[int]:
     return cut
 
 
-def load_device(te_cfg, device: torch.device) -> torch.device:
-    """Where the weights are read to: the GPU for gpu and swap (the stage runs there and then drops
-    them), else the host."""
-    if te_cfg.device in ("gpu", "swap") and device.type == "cuda":
+def load_device(te_cfg, device: torch.device, keep: bool = False) -> torch.device:
+    """Where the weights are read to: the GPU for gpu, and for swap when the encoder serves one stage
+    and is dropped (`keep` False); else the host (cpu, or swap's pinned copy that visits the GPU)."""
+    if device.type == "cuda" and (te_cfg.device == "gpu" or (te_cfg.device == "swap" and not keep)):
         return device
     return torch.device("cpu")
 
@@ -72,34 +73,57 @@ def load_text_encoder(path: str, te_cfg, dtype: torch.dtype, dims, device="cpu")
                                      quant=getattr(te_cfg, "quant", None))  # fp8: quantized as it is read
 
 
+class PromptEncoder:
+    """The tokenizer and the laid-out, placed encoder, loaded once; `encode` per prompt pair.
+    `keep`: it serves many jobs (swap then keeps a pinned host copy between them)."""
+
+    def __init__(self, cfg, paths, dims, device: torch.device, dtype: torch.dtype, keep: bool = False):
+        te_cfg = self.te_cfg = cfg.text_encoder
+        self.paths, self.device, self.dtype = paths, device, dtype
+        read_to = load_device(te_cfg, device, keep)
+
+        def load():
+            tokenizer = load_component("tokenizer", paths.tokenizer, lambda: load_tokenizer(paths.tokenizer))
+            encoder = load_checked("UMT5 text encoder", paths.text_encoder,
+                                   lambda: load_text_encoder(paths.text_encoder, te_cfg, dtype, dims, read_to))
+            return tokenizer, encoder
+
+        self.tokenizer, encoder = agreed("loading the text encoder", load)
+        parallelize_t5(encoder, dims, mode=te_cfg.parallel, symmetric_memory=cfg.comm.symmetric_memory)
+        # already where it runs when read to the GPU: "gpu" placement is then a no-op, never a host copy
+        mode = "gpu" if read_to.type == "cuda" else te_cfg.device
+        self.placement = ComponentPlacement(encoder, mode, device, name="text_encoder")
+
+    def encode(self, prompt: str, negative_prompt: Optional[str]) -> TextContexts:
+        """Contexts of `prompt` (and of `negative_prompt` unless None: no guidance) on every rank."""
+        prompts = [prompt] + ([negative_prompt] if negative_prompt is not None else [])
+        text_len, vocab = self.te_cfg.text_len, self.placement.module.config.vocab_size
+
+        def tokens():
+            ids, mask = tokenize(self.tokenizer, prompts, text_len)
+            cut = cut_tokens(self.tokenizer, prompts, text_len)
+            if int(ids.max()) >= vocab:
+                raise ValueError(f"the tokenizer at {self.paths.tokenizer} produced token id {int(ids.max())}, but "
+                                 f"the text encoder at {self.paths.text_encoder} has {vocab} embeddings; they do "
+                                 "not belong together")
+            return ids, mask, cut
+
+        ids, mask, cut = agreed("tokenizing the prompts", tokens)
+        with torch.no_grad(), self.placement.on_device() as enc:
+            run_on = self.placement.execution_device
+            context = enc(ids.to(run_on), mask.to(run_on)).to(device=self.device, dtype=self.dtype)
+        return TextContexts(cond=context[:1], uncond=context[1:2] if negative_prompt is not None else None,
+                            num_tokens=[int(n) for n in mask.sum(dim=1)], cut_tokens=cut)
+
+    def close(self) -> None:
+        del self.placement
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def encode_prompts(cfg, paths, dims, device: torch.device, dtype: torch.dtype) -> TextContexts:
-    te_cfg = cfg.text_encoder
-    use_uncond = uses_cfg(cfg.sample)
-    prompts = [cfg.prompt] + ([cfg.negative_prompt] if use_uncond else [])
-    read_to = load_device(te_cfg, device)
-
-    def load():
-        tokenizer = load_component("tokenizer", paths.tokenizer, lambda: load_tokenizer(paths.tokenizer))
-        encoder = load_checked("UMT5 text encoder", paths.text_encoder,
-                               lambda: load_text_encoder(paths.text_encoder, te_cfg, dtype, dims, read_to))
-        ids, mask = tokenize(tokenizer, prompts, te_cfg.text_len)
-        cut = cut_tokens(tokenizer, prompts, te_cfg.text_len)
-        if int(ids.max()) >= encoder.config.vocab_size:
-            raise ValueError(f"the tokenizer at {paths.tokenizer} produced token id {int(ids.max())}, but the text "
-                             f"encoder at {paths.text_encoder} has {encoder.config.vocab_size} embeddings; they "
-                             "do not belong together")
-        return encoder, ids, mask, cut
-
-    encoder, ids, mask, cut = agreed("loading the text encoder", load)
-    parallelize_t5(encoder, dims, mode=te_cfg.parallel, symmetric_memory=cfg.comm.symmetric_memory)
-    # already where it runs when read to the GPU: "gpu" placement is then a no-op, never a host copy
-    mode = "gpu" if read_to.type == "cuda" else te_cfg.device
-    placement = ComponentPlacement(encoder, mode, device, name="text_encoder")
-    with torch.no_grad(), placement.on_device() as enc:
-        run_on = placement.execution_device
-        context = enc(ids.to(run_on), mask.to(run_on)).to(device=device, dtype=dtype)
-    del placement, encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return TextContexts(cond=context[:1], uncond=context[1:2] if use_uncond else None,
-                        num_tokens=[int(n) for n in mask.sum(dim=1)], cut_tokens=cut)
+    encoder = PromptEncoder(cfg, paths, dims, device, dtype)
+    try:
+        return encoder.encode(*prompt_pair(cfg))
+    finally:
+        encoder.close()
