@@ -16,7 +16,7 @@ cannot be downloaded here): both sides pad to 512 tokens, so the encoder's work 
 init, loading, text, denoise, decode, mp4 write): ours through the real CLI (`python -m
 lightx2v_sp.generate --config CONFIG model.path=DIR ...`, stages from its JSON summary), diffusers'
 `WanPipeline.from_pretrained` (VAE fp32, the rest bf16) + `export_to_video` (stages timed inside the
-job). The order alternates per repetition (ours first, then diffusers first), the directory is read
+job). The order alternates from one step count (and repetition) to the next, the directory is read
 once beforehand (page cache warm) and both sides' imports are compiled once. From two step counts
 the per-step cost is the slope and the fixed cost the intercept.
 """
@@ -203,8 +203,8 @@ def run(args) -> None:
     outdir = args.outdir or tempfile.mkdtemp(prefix="bench_vs_diffusers-")
     rows = []
     for rep in range(args.reps):
-        for steps in args.steps:
-            order = [side for side in (("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"))
+        for i, steps in enumerate(args.steps):  # the order alternates from run to run, so each side goes first
+            order = [side for side in (("ours", "diffusers") if (rep + i) % 2 == 0 else ("diffusers", "ours"))
                      if args.only in (None, side)]
             for side in order:
                 out = os.path.join(outdir, f"{side}_{steps}_{rep}.mp4")
