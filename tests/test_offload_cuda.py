@@ -130,5 +130,6 @@ def test_close_frees_the_pinned_host_copy():
     handle.close()
     assert handle.transport._keepalive == [] and all(ref() is None for ref in pinned)
     assert all(len(b._forward_pre_hooks) == 0 for b in model.blocks)
-    with torch.inference_mode(), pytest.raises(RuntimeError):
+    # emptied tensors: a shape error (IndexError from unbind on this toy block, RuntimeError elsewhere)
+    with torch.inference_mode(), pytest.raises((RuntimeError, IndexError)):
         model(x)

@@ -39,6 +39,8 @@ class Loader(Generic[T]):
     """`fn()` in a background thread (`background=True`) or, at `result()`, in the caller's."""
 
     def __init__(self, fn: Callable[[], T], device: torch.device, background: bool):
+        if device.type == "cuda" and device.index is None:  # set_device in the thread needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         self._fn, self._device = fn, device
         self._value: Optional[T] = None
         self._error: Optional[BaseException] = None
