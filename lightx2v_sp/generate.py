@@ -204,5 +204,16 @@ def run_reporting(cfg, device, body, terminate=None) -> int:
     return code if isinstance(code, int) else 0
 
 
+def exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown. The outputs are committed and the process
+    group is gone by then; what is left is freeing the CUDA context and the caching allocator's pools
+    and unloading thousands of modules: seconds (3.3 s measured on one H100 at 1.3B 480p) that a user
+    waited for after the video was written."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -175,8 +175,10 @@ def _diffusers(args, cfg, steps: int, out: str) -> tuple[float, dict]:
         return wall, json.load(f)
 
 
-def _timed_process(cmd: list[str]) -> tuple[float, str]:
+def _timed_process(cmd: list[str], **env_changes) -> tuple[float, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    for key, value in env_changes.items():
+        env.pop(key, None) if value is None else env.__setitem__(key, value)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -186,15 +188,28 @@ def _timed_process(cmd: list[str]) -> tuple[float, str]:
     return wall, proc.stderr
 
 
+# What both sides import, so that every job finds its modules' bytecode cached (as after a pip install)
+IMPORTS = ("import torch, diffusers, transformers, imageio, imageio_ffmpeg, tqdm; "
+           "from diffusers import WanPipeline, AutoencoderKLWan, UniPCMultistepScheduler; "
+           "from diffusers.utils import export_to_video; from transformers import AutoTokenizer; "
+           "import lightx2v_sp.generate, lightx2v_sp.pipeline.runner, lightx2v_sp.models.t5, lightx2v_sp.models.wan")
+
+
 def _warm(path: str) -> None:
-    """Read every file once (page cache warm) and compile both sides' imports."""
+    """Read every file once (page cache warm) and compile both sides' imports to bytecode.
+
+    The bytecode is written even where the environment says not to (PYTHONDONTWRITEBYTECODE, set in
+    some container images, where it left torch without .pyc files: every process then compiled
+    thousands of modules from source, seconds on both sides that no pip-installed environment pays).
+    """
     for d, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(d, name), "rb") as f:
                 while f.read(1 << 24):
                     pass
-    _timed_process([sys.executable, "-c", "import diffusers, transformers; from diffusers import WanPipeline; "
-                    "from diffusers.utils import export_to_video; import lightx2v_sp.generate, lightx2v_sp.pipeline"])
+    _timed_process([sys.executable, "-c", IMPORTS], PYTHONDONTWRITEBYTECODE=None)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-c", "import flash_attn.cute"], env=env, capture_output=True)  # if installed
 
 
 def run(args) -> None:
