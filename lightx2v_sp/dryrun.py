@@ -339,13 +339,15 @@ def intended_world(cfg) -> int:
     return cfg.parallel.cfg_degree * (cfg.parallel.ulysses_degree or 2) * cfg.parallel.ring_degree
 
 
-# the card a shipped config is written for, by the end of its name; the others are for 80 GB GPUs
-CARD_GIB = {"_4090x8.yaml": 24}
+# the card a shipped config is written for, by a part of its name (`..._4090x8.yaml`,
+# `..._4090x8_offload.yaml`); the others are for 80 GB GPUs
+CARD_GIB = {"4090": 24}
 DEFAULT_CARD_GIB = 80
 
 
 def card_gib(config_name: str) -> int:
-    return next((gib for end, gib in CARD_GIB.items() if config_name.endswith(end)), DEFAULT_CARD_GIB)
+    parts = os.path.splitext(os.path.basename(config_name))[0].split("_")
+    return next((gib for key, gib in CARD_GIB.items() if any(p.startswith(key) for p in parts)), DEFAULT_CARD_GIB)
 
 
 def check_configs(config_paths, overrides=lambda name: []) -> list[tuple]:

@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 HF_HUB_CACHE=tests/fixtures/hub python scripts/dry_run_configs.py [configs/*.yaml]
 
 Each config runs at its intended world size (cfg_degree x ulysses_degree; 8 for *_8gpu / *_4090x8)
-against the card it is written for (24 GiB for *_4090x8, 80 GiB for the others), in one process,
+against the card it is written for (24 GiB for *_4090x8 and its variants such as *_4090x8_offload, 80 GiB for the others), in one process,
 on the meta device (lightx2v_sp/dryrun.py). The distill configs name a LoRA the user sets; the
 stand-in here is tests/fixtures/loras (zeros at the shapes of a Wan2.1-T2V-14B LoRA).
 Exits 1 when a config fails its dry run or does not fit its card.

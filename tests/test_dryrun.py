@@ -44,7 +44,7 @@ def test_every_shipped_config_dry_runs_and_fits_its_card(capsys):
     paths = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
     for p in paths:  # the multi-GPU configs are laid out for the 8 GPUs they name
         name = os.path.basename(p)
-        if name.endswith(("_8gpu.yaml", "_4090x8.yaml")):
+        if {"8gpu", "4090x8"} & set(name[:-len(".yaml")].split("_")):  # `_4090x8_offload` too
             assert intended_world(load_config(p, [])) == 8, name
     rows = check_configs(paths, _lora_for)  # raises on the first config whose dry run fails
     with capsys.disabled():
@@ -189,3 +189,5 @@ def test_dry_run_catches_a_lora_of_another_model_size():
 
 def test_cards():
     assert card_gib("wan_t2v_14b_720p_4090x8.yaml") == 24 and card_gib("wan_t2v_14b_720p_8gpu.yaml") == 80
+    # a variant's suffix after the card (the offload variant of the 4090 config) is still for the 4090
+    assert card_gib("wan_t2v_14b_720p_4090x8_offload.yaml") == 24 and card_gib("wan_t2v_14b_720p_8gpu_fp8.yaml") == 80
