@@ -15,7 +15,8 @@ cannot be downloaded here): both sides pad to 512 tokens, so the encoder's work 
 `run` times every job in a fresh process from the outside (process start to exit: imports, CUDA
 init, loading, text, denoise, decode, mp4 write): ours through the real CLI (`python -m
 lightx2v_sp.generate --config CONFIG model.path=DIR ...`, stages from its JSON summary), diffusers'
-`WanPipeline.from_pretrained` (VAE fp32, the rest bf16) + `export_to_video` (stages timed inside the
+`WanPipeline.from_pretrained` (VAE fp32, the rest bf16) + `export_to_video` at the config's `output.quality`
+(both sides encode the same H.264 quality; stages timed inside the
 job). The order alternates from one step count (and repetition) to the next, the directory is read
 once beforehand (page cache warm) and both sides' imports are compiled once. From two step counts
 the per-step cost is the slope and the fixed cost the intercept.
@@ -134,7 +135,7 @@ def diffusers_job(args) -> None:
     generate = time.perf_counter() - t
     times.update(text=spent["text"], denoise=generate - spent["text"] - spent["decode"], decode=spent["decode"])
     t = time.perf_counter()
-    export_to_video(frames, args.out, fps=args.fps)
+    export_to_video(frames, args.out, fps=args.fps, quality=args.quality)  # the quality our side writes
     times["write"] = time.perf_counter() - t
     times["inside"] = time.perf_counter() - t0
     with open(args.json, "w") as f:
@@ -169,6 +170,7 @@ def _diffusers(args, cfg, steps: int, out: str) -> tuple[float, dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "diffusers-job", args.dir, "--job-steps", str(steps),
            "--out", out, "--json", stage_json, "--device", args.device, "--height", str(s.height),
            "--width", str(s.width), "--frames", str(s.num_frames), "--fps", str(s.fps),
+           "--quality", str(cfg.output.quality),
            "--guidance", str(s.guidance_scale), "--prompt", cfg.prompt, "--negative-prompt", cfg.negative_prompt]
     wall, _ = _timed_process(cmd)
     with open(stage_json) as f:
@@ -282,7 +284,7 @@ def main() -> None:
     j = sub.add_parser("diffusers-job")
     j.add_argument("dir")
     for name, typ in (("--job-steps", int), ("--height", int), ("--width", int), ("--frames", int), ("--fps", int),
-                      ("--guidance", float)):
+                      ("--guidance", float), ("--quality", int)):
         j.add_argument(name, type=typ, required=True)
     for name in ("--out", "--json", "--device", "--prompt", "--negative-prompt"):
         j.add_argument(name, required=True)

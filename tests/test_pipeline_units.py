@@ -30,6 +30,27 @@ def test_write_video_roundtrip(tmp_path):
     assert os.listdir(tmp_path) == ["a.mp4"]
 
 
+def test_output_quality_sets_the_crf_and_is_validated(tmp_path):
+    # output.quality is imageio's scale: a lower quality is a higher x264 crf, so fewer bytes and a
+    # larger error for the same frames. Random colours in 4x4 blocks lose ~4 levels to yuv420p's chroma
+    # subsampling at any crf (4.1 at quality 10 here); crf 10 adds little to that, crf 25 about as much again.
+    smooth = np.repeat(np.repeat(_frames(9, 8, 12), 4, axis=1), 4, axis=2)  # 9 x 32 x 48
+    sizes, errors = {}, {}
+    for quality in (8, 5):
+        path = str(tmp_path / f"q{quality}.mp4")
+        output.write_video(smooth, path, fps=8, quality=quality)
+        sizes[quality] = os.path.getsize(path)
+        back = np.stack(imageio.mimread(path)).astype(np.int16)
+        assert back.shape == smooth.shape
+        errors[quality] = float(np.abs(back - smooth).mean())
+    assert sizes[5] < 0.8 * sizes[8], sizes  # 4356 vs 6996 bytes here
+    assert errors[8] < 5 and errors[8] < errors[5] < 12, errors  # 4.3 and 7.7 levels here
+    assert load_config(None, ["output.quality=5"]).output.quality == 5
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="output.quality"):
+            load_config(None, [f"output.quality={bad}"])
+
+
 def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "a.mp4"
     path.write_bytes(b"old video")

@@ -164,23 +164,24 @@ def _atomic(path: str, write) -> None:
         raise
 
 
-def encode_video(frames, path: str, fps: int) -> None:
-    """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 written at `path` (not atomically)."""
+def encode_video(frames, path: str, fps: int, quality: int = 8) -> None:
+    """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 written at `path` (not atomically);
+    `quality` 1-10 (output.quality: x264 crf 51 x (1 - quality / 10))."""
     import imageio.v2 as imageio
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
     # macro_block_size=1: sizes are multiples of 16 already; never let imageio resize frames
-    with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+    with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
                             pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error") as w:
         for frame in frames:
             w.append_data(frame)
 
 
-def write_video(frames, path: str, fps: int) -> None:
+def write_video(frames, path: str, fps: int, quality: int = 8) -> None:
     """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 at `path`, atomically."""
-    _atomic(path, lambda tmp: encode_video(frames, tmp, fps))
+    _atomic(path, lambda tmp: encode_video(frames, tmp, fps, quality))
 
 
 def _dump_json(data: dict[str, Any], path: str) -> None:
@@ -238,9 +239,9 @@ class OutputPair:
         self._temps.append(tmp)
         return tmp
 
-    def stage_video(self, frames, fps: int) -> None:
+    def stage_video(self, frames, fps: int, quality: int = 8) -> None:
         self._video_tmp = self._tmp(self.path)
-        encode_video(frames, self._video_tmp, fps)
+        encode_video(frames, self._video_tmp, fps, quality)
         os.chmod(self._video_tmp, 0o644)
 
     def commit(self, summary: dict[str, Any]) -> None:

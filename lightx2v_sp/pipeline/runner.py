@@ -300,7 +300,7 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
         check_video(video)
         with stages("write"):
             check_ours(out_path)  # again: files may have appeared there during the run
-            outputs.stage_video(to_uint8_frames(video), s.fps)  # a temporary file until commit
+            outputs.stage_video(to_uint8_frames(video), s.fps, cfg.output.quality)  # a temporary file until commit
         result.video = video if keep_video else None
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
