@@ -221,3 +221,48 @@ def test_prepare_kernel_keeps_a_kernel_whose_first_call_only_failed_to_cache(reg
         assert kernel_cache.prepare_kernel("flash_attn4", "auto", torch.device("cpu"), torch.float32, 8,
                                            SHAPES) == "flash_attn4"
     assert "ran on its second call" in caplog.text
+
+
+def test_mp4_encoded_while_decoding_is_the_same_file(tmp_path, monkeypatch):
+    # the frames reach the encoder chunk by chunk during the decode (video_stream.py); the file must be
+    # the one the whole-video write makes of the same frames: same encoder, same settings, same bytes
+    from lightx2v_sp.models.vae import WanVAE
+
+    base = ["sample.steps=1", "parallel.ulysses_degree=1"]
+    streamed = run(load_config(CONFIG, base + [f"output.path={tmp_path}/a.mp4"]), torch.device("cpu"),
+                   progress=False, keep_video=True)
+    frames = streamed.video.shape[1]
+    assert streamed.summary["vae"]["frames_encoded_while_decoding"] == frames == streamed.summary["video"]["frames"]
+    assert frames > 5  # more than one chunk of the decoder (1 frame, then 4 per latent frame)
+
+    real = WanVAE.frames_to
+    monkeypatch.setattr(WanVAE, "frames_to", lambda self, sink: real(self, None))  # never streams
+    whole = run(load_config(CONFIG, base + [f"output.path={tmp_path}/b.mp4"]), torch.device("cpu"), progress=False)
+    assert whole.summary["vae"]["frames_encoded_while_decoding"] == 0
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_a_decode_that_fails_midway_stops_the_encoder_and_leaves_no_file(tmp_path, monkeypatch):
+    from lightx2v_sp.pipeline import AgreedError
+
+    calls = []
+
+    def failing(module, args, out):  # the third latent frame's decode fails after two reached the encoder
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("planted decoder failure")
+
+    from lightx2v_sp.models import vae as vae_mod
+
+    real = vae_mod.WanVAE.frames_to
+
+    def frames_to(self, sink):
+        self.vae.decoder.register_forward_hook(failing)
+        return real(self, sink)
+
+    monkeypatch.setattr(vae_mod.WanVAE, "frames_to", frames_to)
+    cfg = load_config(CONFIG, ["sample.steps=1", "parallel.ulysses_degree=1", f"output.path={tmp_path}/v.mp4"])
+    with pytest.raises(AgreedError, match="planted decoder failure"):
+        run(cfg, torch.device("cpu"), progress=False)
+    assert os.listdir(tmp_path) == []  # the temporary mp4 the encoder was writing is gone
+    assert not [t for t in threading.enumerate() if t.name == "lightx2v_sp-mp4"]  # and its thread ended

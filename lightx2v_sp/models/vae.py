@@ -8,10 +8,11 @@ blocks per level), so non-default sizes (e.g. the tiny model) convert too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -238,6 +239,23 @@ class WanVAE:
         posterior = self.vae.encode(video.to(device=device, dtype=self.dtype), return_dict=False)[0]
         z = posterior.mode().float()
         return (z - self.mean.to(z.device)) / self.std.to(z.device)
+
+    @contextlib.contextmanager
+    def frames_to(self, sink: Optional[Callable[[torch.Tensor], None]]) -> Iterator[bool]:
+        """While `decode` runs inside, hand each chunk of frames to `sink` as the decoder makes it:
+        [t, H, W, 3] uint8 on the CPU (`to_uint8_frames` of the rows `decode` returns), in order. Yields
+        whether it does: only where the decoder's output is the video itself (the Wan2.1 layout: no
+        patch_size, no diffusers tiling); elsewhere `sink` gets nothing."""
+        if sink is None or getattr(self.vae.config, "patch_size", None) is not None \
+                or getattr(self.vae, "use_tiling", False):
+            yield False
+            return
+        # the decoder runs once per latent frame: [1, 3, t, H, W] (t = 1, then 4), the video's next frames
+        handle = self.vae.decoder.register_forward_hook(lambda module, args, out: sink(to_uint8_frames(out[0].float())))
+        try:
+            yield True
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:

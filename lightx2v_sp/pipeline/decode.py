@@ -68,10 +68,11 @@ def band_layout(unsupported: Optional[str], vae_cfg, height: int, world: int,
 
 @torch.no_grad()
 def decode_rows(wan_vae, latents: torch.Tensor, device: torch.device, vae_cfg, offload_mode: str,
-                world: int, rank: int) -> tuple[Optional[torch.Tensor], list[int]]:
+                world: int, rank: int, on_frames=None) -> tuple[Optional[torch.Tensor], list[int]]:
     """This rank's rows of the video [1, 3, T, 8 h_r, 8 W] (None when it has no
     band), and every rank's pixel row count. `latents` [1, C, F, H, W] is the DiT's normalised
-    space, the same on every rank.
+    space, the same on every rank. `on_frames`: where a rank decodes the whole frame in one piece,
+    it gets the video's frames as they are decoded (`WanVAE.frames_to`: the mp4 encoder), else nothing.
 
     `wan_vae` is None on the ranks that do not decode (rank0 mode); they return (None, rows).
     """
@@ -84,8 +85,9 @@ def decode_rows(wan_vae, latents: torch.Tensor, device: torch.device, vae_cfg, o
     placement = ComponentPlacement(_decode_part(wan_vae.vae), offload_mode, device, name="vae")
     with placement.on_device():
         dev = placement.execution_device
-        if bands[rank] == [(0, height)]:  # the whole frame: no hooks needed
-            piece = wan_vae.decode(latents, device=dev)
+        if bands[rank] == [(0, height)]:  # the whole frame: no cropping hooks needed
+            with wan_vae.frames_to(on_frames):
+                piece = wan_vae.decode(latents, device=dev)
         else:
             z = latents.float().to(dev) * wan_vae.std.to(dev) + wan_vae.mean.to(dev)
             z = z.to(wan_vae.dtype)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
+from .video_stream import VideoStream, as_frames, open_writer
 
 
 SUMMARY_MARKER = "lightx2v_sp_summary"
@@ -167,14 +167,8 @@ def _atomic(path: str, write) -> None:
 def encode_video(frames, path: str, fps: int, quality: int = 8) -> None:
     """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 written at `path` (not atomically);
     `quality` 1-10 (output.quality: x264 crf 51 x (1 - quality / 10))."""
-    import imageio.v2 as imageio
-
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
-    # macro_block_size=1: sizes are multiples of 16 already; never let imageio resize frames
-    with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
-                            pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error") as w:
+    frames = as_frames(frames)
+    with open_writer(path, fps, quality) as w:
         for frame in frames:
             w.append_data(frame)
 
@@ -214,6 +208,9 @@ class OutputPair:
             out.stage_video(frames, fps)        # encoded into a temporary sibling
             out.commit(summary)                 # summary written, then both renamed
 
+    or, frames encoded while they are produced: `stream = out.open_video(fps)`, `stream.put(...)`,
+    then `out.stage_video(None, fps)` closes it (a failure before the commit stops the encoder).
+
     `commit` renames the summary first and the video last; if the video's rename fails (or a signal
     lands between the two), the previous summary is put back (or the new one removed when there was
     none). Only a kill between the two renames can leave a new summary beside the previous video.
@@ -224,11 +221,15 @@ class OutputPair:
         self.summary_path = summary_path(path)
         self._temps: list[str] = []
         self._video_tmp: str | None = None
+        self._stream: VideoStream | None = None
 
     def __enter__(self) -> "OutputPair":
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._stream is not None:  # not staged: the run failed with the encoder running
+            self._stream.abort()
+            self._stream = None
         for tmp in self._temps:
             if os.path.lexists(tmp):
                 os.remove(tmp)
@@ -239,9 +240,21 @@ class OutputPair:
         self._temps.append(tmp)
         return tmp
 
-    def stage_video(self, frames, fps: int, quality: int = 8) -> None:
+    def open_video(self, fps: int, quality: int = 8) -> VideoStream:
+        """The video's encoder on a temporary sibling: frames `put` into it are encoded as they come."""
+        assert self._stream is None and self._video_tmp is None, "one video per pair"
         self._video_tmp = self._tmp(self.path)
-        encode_video(frames, self._video_tmp, fps, quality)
+        self._stream = VideoStream(self._video_tmp, fps, quality)
+        return self._stream
+
+    def stage_video(self, frames, fps: int, quality: int = 8) -> None:
+        """`frames` [F, H, W, 3] uint8 encoded into the temporary sibling (after those put into an open
+        stream, if any; None: no more), complete when this returns."""
+        stream = self._stream or self.open_video(fps, quality)
+        if frames is not None:
+            stream.put(frames)
+        stream.close()  # the encoder's error, raised here
+        self._stream = None
         os.chmod(self._video_tmp, 0o644)
 
     def commit(self, summary: dict[str, Any]) -> None:

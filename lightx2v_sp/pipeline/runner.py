@@ -279,8 +279,8 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
     result = RunResult(latents=latents.cpu())
     video, rows = None, [0] * world
 
-    def decode(world_: int, rank_: int):
-        return decode_rows(vae, latents, device, cfg.vae, cfg.offload.vae, world_, rank_)
+    def decode(world_: int, rank_: int, on_frames=None):
+        return decode_rows(vae, latents, device, cfg.vae, cfg.offload.vae, world_, rank_, on_frames)
 
     if split_decode:
         with stages("decode"):  # every rank decodes its band of rows; rank 0 gathers them
@@ -292,15 +292,21 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
         nonlocal video, rows
         if rank != 0:
             return
+        streamed = 0
         if not split_decode:  # rank 0 alone, inside the heartbeat stage: the others wait on rank0_stage
+            # the mp4 is encoded while the VAE decodes (video_stream.py), into a temporary file
+            stream = outputs.open_video(s.fps, cfg.output.quality)
             with stages("decode"):
-                piece, rows = decode(1, 0)
+                piece, rows = decode(1, 0, on_frames=stream.put)
                 video = gather_video(piece, rows, 1, 0)
                 rows += [0] * (world - 1)
-        check_video(video)
-        with stages("write"):
+            streamed = stream.frames
+            if streamed not in (0, video.shape[1]):
+                raise RuntimeError(f"the decoder handed over {streamed} of the video's {video.shape[1]} frames")
+        check_video(video)  # before the commit: a non-finite video stops the encoder, nothing is written
+        with stages("write"):  # what is left of the encoding (all of it when nothing was streamed)
             check_ours(out_path)  # again: files may have appeared there during the run
-            outputs.stage_video(to_uint8_frames(video), s.fps, cfg.output.quality)  # a temporary file until commit
+            outputs.stage_video(None if streamed else to_uint8_frames(video), s.fps, cfg.output.quality)
         result.video = video if keep_video else None
         result.output_path = out_path
         result.summary = _summary(cfg, dims, device, paths, shape, stages, per_rank, started, out_path, kernel)
@@ -318,7 +324,8 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
         result.summary["experts"] = experts_summary
         result.summary["cache"] = cache_summary(cache, [r["cache"] for r in per_rank], cfg, paths.as_dict())
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
-                                 "pixel_rows_per_rank": rows}
+                                 "pixel_rows_per_rank": rows,
+                                 "frames_encoded_while_decoding": streamed}  # the rest after the decode
         result.summary["memory_plan"] = plan_summary(cfg, world, shapes=loaded.shapes)
         result.summary["prefetch"] = loaded.prefetch
         outputs.commit(result.summary)  # the summary, then the video: replaced together

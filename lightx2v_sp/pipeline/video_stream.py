@@ -1,0 +1,90 @@
+"""The mp4 encoded while the VAE decodes: frames go to ffmpeg as they come, from a thread.
+
+The VAE decodes one latent frame (four video frames) at a time, and x264 runs in its own
+process: handing each chunk over as it is decoded lets the encoder work during the decode instead
+of after it (the `write` stage then only waits for the last chunks). The frames and the writer's
+settings are the ones the whole-video path (`encode_video`) uses, so the file is the same.
+
+    stream = VideoStream(tmp_path, fps, quality)   # the writer; frames go to a worker thread
+    stream.put(frames)                              # [t, H, W, 3] uint8, in order, any number of calls
+    stream.close()                                  # waits for the encoder; raises what it raised
+    stream.abort()                                  # on failure: stops the encoder, the caller removes the file
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Optional
+
+import numpy as np
+
+# chunks of frames waiting for the encoder: a bound on the host memory a slow encoder can hold
+# (at 4 frames a chunk, 128 frames of 720p uint8 = 354 MB); a full queue makes the decode wait
+MAX_QUEUED_CHUNKS = 32
+
+
+def open_writer(path: str, fps: int, quality: int):
+    import imageio.v2 as imageio
+
+    # macro_block_size=1: sizes are multiples of 16 already; never let imageio resize frames
+    return imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=quality,
+                              pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error")
+
+
+def as_frames(frames) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    return frames
+
+
+class VideoStream:
+    """An H.264 mp4 at `path`, encoded from the frames `put` hands over, in a worker thread."""
+
+    def __init__(self, path: str, fps: int, quality: int):
+        self.path = path
+        self.frames = 0  # frames handed over so far
+        self._writer = open_writer(path, fps, quality)
+        self._queue: "queue.Queue[Optional[np.ndarray]]" = queue.Queue(MAX_QUEUED_CHUNKS)
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._encode, name="lightx2v_sp-mp4", daemon=True)
+        self._thread.start()
+
+    def _encode(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking chunks, so that `put` never blocks on a dead encoder
+            try:
+                for frame in chunk:
+                    self._writer.append_data(frame)
+            except BaseException as e:  # noqa: BLE001 - raised by close() in the caller's thread
+                self._error = e
+        try:
+            self._writer.close()
+        except BaseException as e:  # noqa: BLE001
+            self._error = self._error or e
+
+    def put(self, frames) -> None:
+        """Queue frames [t, H, W, 3] uint8 (tensor or array) after the ones before."""
+        frames = as_frames(frames)
+        self.frames += len(frames)
+        self._queue.put(frames)
+
+    def close(self) -> None:
+        """Wait until every frame is encoded and the file complete; the encoder's error, if any."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop after the queued frames without raising (the run failed already); the caller removes
+        the file."""
+        if not self._closed:
+            self._closed = True
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(None)
+            self._thread.join()
