@@ -209,9 +209,12 @@ def exit_now(code: int) -> None:
     group is gone by then; what is left is freeing the CUDA context and the caching allocator's pools
     and unloading thousands of modules: seconds (3.3 s measured on one H100 at 1.3B 480p) that a user
     waited for after the video was written."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said anyway
+        pass
     os._exit(code)
 
 
