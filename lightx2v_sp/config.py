@@ -191,7 +191,7 @@ class CacheConfig:
 @dataclass
 class OutputConfig:
     path: str = _f("outputs/video.mp4", "mp4 written by rank 0 (atomically); a .json summary goes next to it")
-    quality: int = _f(8, "H.264 quality of the mp4, 1-10 (imageio's scale: x264 crf = 51 x (1 - quality / 10)): "
+    quality: int = _f(8, "H.264 quality of the mp4, 1-9 (imageio's scale: x264 crf = 51 x (1 - quality / 10)): "
                          "8 = crf 10, near lossless, large files; 5 = crf 25, diffusers' export_to_video default: "
                          "a fraction of the bytes and a faster write (BENCHMARKS.md, Time to video)")
 
@@ -360,9 +360,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
         raise ValueError(f"config key 'seed' = {cfg.seed} is outside torch.Generator's range "
                          f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}] (-2**63 .. 2**64-1)")
-    if cfg.output.quality > 10:
-        raise ValueError(f"config key 'output.quality' = {cfg.output.quality} must be <= 10 (imageio's H.264 "
-                         "quality scale, 10 = crf 0, lossless)")
+    if cfg.output.quality > 9:
+        raise ValueError(f"config key 'output.quality' = {cfg.output.quality} must be <= 9: 10 is x264's lossless "
+                         "mode (crf 0), whose High 4:4:4 Predictive profile most players and browsers do not play")
     for key, value, maximum in [("sample.steps", s.steps, MAX_STEPS), ("sample.height", s.height, MAX_SIDE),
                                 ("sample.width", s.width, MAX_SIDE), ("sample.num_frames", s.num_frames, MAX_FRAMES)]:
         if value > maximum:

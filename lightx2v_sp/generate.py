@@ -209,12 +209,13 @@ def exit_now(code: int) -> None:
     group is gone by then; what is left is freeing the CUDA context and the caching allocator's pools
     and unloading thousands of modules: seconds (3.3 s measured on one H100 at 1.3B 480p) that a user
     waited for after the video was written."""
-    try:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said anyway
-        pass
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):  # None when the process started with the descriptor closed
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said anyway
+            pass
     os._exit(code)
 
 

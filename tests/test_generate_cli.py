@@ -167,3 +167,12 @@ def test_log_lines_do_not_share_the_progress_bar_line(monkeypatch):
     lines = buf.getvalue().replace("\r", "\n").splitlines()
     assert "[lightx2v_sp] attention backend auto -> sdpa" in lines, lines  # a line of its own
     assert any(line.startswith("denoise: 100%") for line in lines)
+
+
+def test_exit_with_stdout_closed_keeps_the_status():
+    # generate leaves with os._exit after flushing (generate.exit_now); a process started without a
+    # stdout (sys.stdout is None then) must still exit with the run's status, not a traceback's
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--config", CONFIG, "--plan"], cwd=ROOT,
+                          env=env, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -191,3 +191,35 @@ def test_output_pair_rolls_back_when_the_video_rename_fails(tmp_path, monkeypatc
         pair.commit({"stage_times_s": {"new": 1}})
     assert sorted(os.listdir(tmp_path)) == ["v.json", "v.mp4"] and video.read_bytes() != b"old video"
     assert json.loads((tmp_path / "v.json").read_text())["stage_times_s"] == {"new": 1}
+
+
+def test_a_second_signal_while_the_encoder_stops_still_removes_the_temp_file(tmp_path, monkeypatch):
+    # the run failed with frames queued for a slow encoder; OutputPair waits for it to stop, and a second
+    # Ctrl-C in that wait must not leave the temporary mp4 behind
+    import threading
+
+    import numpy as np
+
+    from lightx2v_sp.pipeline import video_stream
+
+    real = video_stream.open_writer
+
+    def slow_writer(path, fps, quality):
+        w = real(path, fps, quality)
+        append = w.append_data
+        w.append_data = lambda frame: (time.sleep(0.5), append(frame))
+        return w
+
+    monkeypatch.setattr(video_stream, "open_writer", slow_writer)
+    frames = np.zeros((4, 32, 32, 3), np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        with output.OutputPair(str(tmp_path / "v.mp4")) as out:
+            stream = out.open_video(fps=8)
+            for _ in range(3):
+                stream.put(frames)
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # lands during __exit__
+            raise KeyboardInterrupt("the first Ctrl-C")
+    deadline = time.monotonic() + 20  # the encoder thread finishes its frame after the wait was cut short
+    while any(t.name == "lightx2v_sp-mp4" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.listdir(tmp_path) == []

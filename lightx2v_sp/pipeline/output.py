@@ -166,7 +166,7 @@ def _atomic(path: str, write) -> None:
 
 def encode_video(frames, path: str, fps: int, quality: int = 8) -> None:
     """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 written at `path` (not atomically);
-    `quality` 1-10 (output.quality: x264 crf 51 x (1 - quality / 10))."""
+    `quality` 1-9 (output.quality: x264 crf 51 x (1 - quality / 10))."""
     frames = as_frames(frames)
     with open_writer(path, fps, quality) as w:
         for frame in frames:
@@ -227,13 +227,15 @@ class OutputPair:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._stream is not None:  # not staged: the run failed with the encoder running
-            self._stream.abort()
+        try:
+            if self._stream is not None:  # not staged: the run failed with the encoder running
+                self._stream.abort()  # (waits for ffmpeg: a second signal may land here)
+        finally:
             self._stream = None
-        for tmp in self._temps:
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-        self._temps = []
+            for tmp in self._temps:
+                if os.path.lexists(tmp):
+                    os.remove(tmp)
+            self._temps = []
 
     def _tmp(self, target: str) -> str:
         tmp = _tmp_sibling(target)

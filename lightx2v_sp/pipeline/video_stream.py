@@ -8,10 +8,11 @@ settings are the ones the whole-video path (`encode_video`) uses, so the file is
     stream = VideoStream(tmp_path, fps, quality)   # the writer; frames go to a worker thread
     stream.put(frames)                              # [t, H, W, 3] uint8, in order, any number of calls
     stream.close()                                  # waits for the encoder; raises what it raised
-    stream.abort()                                  # on failure: stops the encoder, the caller removes the file
+    stream.abort()                                  # on failure: stops the encoder and removes the file
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Optional
@@ -48,15 +49,16 @@ class VideoStream:
         self._queue: "queue.Queue[Optional[np.ndarray]]" = queue.Queue(MAX_QUEUED_CHUNKS)
         self._error: Optional[BaseException] = None
         self._closed = False
+        self._aborted = False
         self._thread = threading.Thread(target=self._encode, name="lightx2v_sp-mp4", daemon=True)
         self._thread.start()
 
     def _encode(self) -> None:
         while (chunk := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # keep taking chunks, so that `put` never blocks on a dead encoder
             try:
                 for frame in chunk:
+                    if self._error is not None:
+                        break  # keep taking chunks, so that `put` never blocks on a dead encoder
                     self._writer.append_data(frame)
             except BaseException as e:  # noqa: BLE001 - raised by close() in the caller's thread
                 self._error = e
@@ -64,6 +66,11 @@ class VideoStream:
             self._writer.close()
         except BaseException as e:  # noqa: BLE001
             self._error = self._error or e
+        if self._aborted:  # ffmpeg may have (re)created the file after the caller removed it
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
 
     def put(self, frames) -> None:
         """Queue frames [t, H, W, 3] uint8 (tensor or array) after the ones before."""
@@ -81,10 +88,11 @@ class VideoStream:
             raise self._error
 
     def abort(self) -> None:
-        """Stop after the queued frames without raising (the run failed already); the caller removes
-        the file."""
+        """Stop at the next frame without raising (the run failed already); the file is removed, by
+        the worker thread once ffmpeg has let go of it (also when a second signal cuts this wait short)."""
         if not self._closed:
             self._closed = True
+            self._aborted = True  # the thread removes the file once ffmpeg is done with it
             self._error = self._error or RuntimeError("aborted")
             self._queue.put(None)
             self._thread.join()
