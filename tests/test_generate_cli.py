@@ -176,3 +176,14 @@ def test_exit_with_stdout_closed_keeps_the_status():
     proc = subprocess.run([sys.executable, "-m", "lightx2v_sp.generate", "--config", CONFIG, "--plan"], cwd=ROOT,
                           env=env, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_profiler_still_gets_its_results(tmp_path):
+    # the fast exit skips the interpreter's teardown, where cProfile (and coverage tools) write their
+    # results: with one of them loaded, generate exits normally
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    prof = tmp_path / "run.prof"
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "lightx2v_sp.generate",
+                           "--config", CONFIG, "--plan"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert prof.is_file() and prof.stat().st_size > 0
