@@ -177,12 +177,17 @@ def _diffusers(args, cfg, steps: int, out: str) -> tuple[float, dict]:
         return wall, json.load(f)
 
 
-def _timed_process(cmd: list[str], **env_changes) -> tuple[float, str]:
+def _env(**changes) -> dict:
+    """This process's environment with ROOT on PYTHONPATH; a change to None removes that variable."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    for key, value in env_changes.items():
+    for key, value in changes.items():
         env.pop(key, None) if value is None else env.__setitem__(key, value)
+    return env
+
+
+def _timed_process(cmd: list[str], **env_changes) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(**env_changes), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -210,8 +215,8 @@ def _warm(path: str) -> None:
                 while f.read(1 << 24):
                     pass
     _timed_process([sys.executable, "-c", IMPORTS], PYTHONDONTWRITEBYTECODE=None)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([sys.executable, "-c", "import flash_attn.cute"], env=env, capture_output=True)  # if installed
+    subprocess.run([sys.executable, "-c", "import flash_attn.cute"], env=_env(PYTHONDONTWRITEBYTECODE=None),
+                   capture_output=True)  # if installed
 
 
 def run(args) -> None:

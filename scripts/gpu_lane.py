@@ -278,19 +278,36 @@ def worker_main(args) -> int:
             dist.destroy_process_group()
 
 
+class _NoMp4:
+    """A video writer that writes nothing (both mp4 paths, streamed and whole, open their writer through
+    video_stream.open_writer)."""
+
+    def append_data(self, frame) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_NoMp4":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def _worker_configs(args, device) -> int:
     import torch
     import torch.distributed as dist
 
     from lightx2v_sp.config import load_config
     from lightx2v_sp.models.vae import to_uint8_frames
-    from lightx2v_sp.pipeline import output, runner
+    from lightx2v_sp.pipeline import runner, video_stream
 
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:  # GPU machines may lack ffmpeg: the lane compares frames, not mp4 files
         runner.check_video_writer = lambda: None
-        output.encode_video = lambda frames, path, fps: None  # the mp4 stays an empty file
+        video_stream.open_writer = lambda path, fps, quality: _NoMp4()  # the mp4 stays an empty file
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(args.jobs) as f:
         jobs = json.load(f)

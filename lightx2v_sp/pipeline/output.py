@@ -23,7 +23,7 @@ import tempfile
 import time
 from typing import Any
 
-from .video_stream import VideoStream, as_frames, open_writer
+from .video_stream import VideoStream, encode_video
 
 
 SUMMARY_MARKER = "lightx2v_sp_summary"
@@ -162,15 +162,6 @@ def _atomic(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def encode_video(frames, path: str, fps: int, quality: int = 8) -> None:
-    """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 written at `path` (not atomically);
-    `quality` 1-9 (output.quality: x264 crf 51 x (1 - quality / 10))."""
-    frames = as_frames(frames)
-    with open_writer(path, fps, quality) as w:
-        for frame in frames:
-            w.append_data(frame)
 
 
 def write_video(frames, path: str, fps: int, quality: int = 8) -> None:

@@ -39,6 +39,15 @@ def as_frames(frames) -> np.ndarray:
     return frames
 
 
+def encode_video(frames, path: str, fps: int, quality: int = 8) -> None:
+    """frames [F, H, W, 3] uint8 (tensor or array) -> H.264 mp4 written at `path` (not atomically), in
+    the caller's thread; `quality` 1-9 (output.quality: x264 crf 51 x (1 - quality / 10))."""
+    frames = as_frames(frames)
+    with open_writer(path, fps, quality) as w:
+        for frame in frames:
+            w.append_data(frame)
+
+
 class VideoStream:
     """An H.264 mp4 at `path`, encoded from the frames `put` hands over, in a worker thread."""
 
