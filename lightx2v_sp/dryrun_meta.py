@@ -157,10 +157,12 @@ def meta_vae(vae_kwargs: dict, dtype: str):
     """AutoencoderKLWan on the meta device in the decode's dtype (one per config and dtype)."""
     from diffusers import AutoencoderKLWan
 
+    from lightx2v_sp.plan_sizes import vae_init_kwargs
+
     key = (json.dumps(vae_kwargs, sort_keys=True), dtype)
     if key not in _VAES:
         with torch.device("meta"):
-            vae = AutoencoderKLWan(**vae_kwargs)
+            vae = AutoencoderKLWan(**vae_init_kwargs(vae_kwargs))
         if DTYPES[dtype] != torch.float32:  # (diffusers warns about .to() even where it changes nothing)
             vae = vae.to(DTYPES[dtype])
         _VAES[key] = vae.eval().requires_grad_(False)

@@ -204,8 +204,21 @@ def run_reporting(cfg, device, body, terminate=None) -> int:
     return code if isinstance(code, int) else 0
 
 
-# tools that write their results at the interpreter's exit: with one of them loaded, exit normally
-_EXIT_HOOKED_TOOLS = ("cProfile", "profile", "coverage", "trace", "pyinstrument", "yappi", "line_profiler", "memray")
+# tools that write their results at the interpreter's exit and may hook in by other means than
+# sys.settrace / sys.setprofile / sys.monitoring: with one of them loaded, exit normally. Not cProfile
+# or profile: torch._dynamo imports them (so any run has them loaded); they are seen when active.
+_EXIT_HOOKED_TOOLS = ("coverage", "pyinstrument", "yappi", "line_profiler", "memray")
+
+
+def _watched() -> bool:
+    """Whether a profiler, tracer, debugger or coverage tool is watching this process."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return True
+    monitoring = getattr(sys, "monitoring", None)  # 3.12+: cProfile and coverage may use it instead
+    if monitoring is not None and any(monitoring.get_tool(tool) is not None for tool in
+                                      (monitoring.PROFILER_ID, monitoring.COVERAGE_ID, monitoring.DEBUGGER_ID)):
+        return True
+    return any(name in sys.modules for name in _EXIT_HOOKED_TOOLS)
 
 
 def exit_now(code: int) -> None:
@@ -214,8 +227,7 @@ def exit_now(code: int) -> None:
     and unloading thousands of modules: seconds (3.3 s measured on one H100 at 1.3B 480p) that a user
     waited for after the video was written. Not under a profiler, a coverage tool or a tracer (they
     write their results at exit), nor with LIGHTX2V_SP_FAST_EXIT=0."""
-    if (os.environ.get("LIGHTX2V_SP_FAST_EXIT", "1") == "0" or sys.gettrace() is not None
-            or sys.getprofile() is not None or any(name in sys.modules for name in _EXIT_HOOKED_TOOLS)):
+    if os.environ.get("LIGHTX2V_SP_FAST_EXIT", "1") == "0" or _watched():
         sys.exit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):  # None when the process started with the descriptor closed

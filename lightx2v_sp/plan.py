@@ -28,7 +28,7 @@ import torch
 
 from lightx2v_sp.config import uses_cfg
 
-from .plan_sizes import (DTYPE_BYTES, GIB, Shapes, _meta_vae, _numel, _t5_numel, dit_bytes, dit_numel,  # noqa: F401
+from .plan_sizes import (DTYPE_BYTES, GIB, Shapes, _numel, _t5_numel, dit_bytes, dit_numel,  # noqa: F401
                          model_shapes, shapes_of, shared_blocks_bytes, vae_decode_bytes)
 
 from .models.quant import t5_bytes_per_param
@@ -81,8 +81,8 @@ class RankPlan:
 def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     from lightx2v_sp.distributed import split_sizes
     from lightx2v_sp.distributed.mesh import resolve_ulysses_degree
-    from lightx2v_sp.models.vae_rows import unsupported_reason
     from lightx2v_sp.pipeline.decode import band_layout
+    from lightx2v_sp.plan_vae_facts import vae_facts
     from lightx2v_sp.pipeline.geometry import video_geometry
 
     s = cfg.sample
@@ -143,7 +143,8 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
 
     # decode: this rank's bands (pipeline/decode.py's layout)
     vb = DTYPE_BYTES[cfg.vae.dtype]
-    layout = band_layout(unsupported_reason(_meta_vae(shapes.vae)), cfg.vae, lat_h, world)
+    vfacts = vae_facts(shapes.vae)
+    layout = band_layout(vfacts.unsupported, cfg.vae, lat_h, world)
     receive = 0
     if rank == 0 and world > 1:
         receive = max((geo.strides[1] * sum(b - a for a, b in bands) for bands in layout[1:]), default=0)
@@ -155,7 +156,7 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
         dec.gpu["VAE decode caches"] = vae["caches"]
         dec.gpu["VAE decode activations"] = vae["activations"]
         dec.gpu["video rows"] = vae["video"]
-    vae_host = _numel(_meta_vae(shapes.vae)) * vb
+    vae_host = vfacts.numel * vb
     if layout[rank] or rank == 0:
         for st in (text, den, dec):
             st.host["VAE"] = vae_host  # loaded on the host, moved to the GPU for the decode

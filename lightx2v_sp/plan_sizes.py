@@ -68,18 +68,19 @@ def shapes_of(paths, kind) -> Shapes:
         t5 = config_from_hf(te_json, os.path.join(paths.text_encoder, "config.json"))
     vae = {}  # the official Wan2.1_VAE.pth: diffusers' defaults are its config
     vae_json = read_json(os.path.join(paths.vae, "config.json")) if os.path.isdir(paths.vae) else None
-    if vae_json:
-        vae = {k: v for k, v in vae_json.items() if k in _vae_parameters()}
+    if vae_json:  # '_class_name', '_diffusers_version': metadata; keys AutoencoderKLWan lacks: vae_init_kwargs
+        vae = {k: v for k, v in vae_json.items() if not k.startswith("_")}
     return Shapes(f"{kind.name} at {paths.root}", experts[0], t5, vae, kind, experts)
 
 
-@functools.lru_cache(maxsize=1)
-def _vae_parameters() -> frozenset:
+def vae_init_kwargs(vae_kwargs: dict) -> dict:
+    """The config keys AutoencoderKLWan takes (a newer config may carry keys this diffusers lacks)."""
     import inspect
 
     from diffusers import AutoencoderKLWan
 
-    return frozenset(inspect.signature(AutoencoderKLWan.__init__).parameters)
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    return {k: v for k, v in vae_kwargs.items() if k in params}
 
 
 def _numel(module) -> int:
@@ -141,7 +142,7 @@ def _meta_vae_cached(key: str):
     from diffusers import AutoencoderKLWan
 
     with torch.device("meta"):
-        return AutoencoderKLWan(**json.loads(key))
+        return AutoencoderKLWan(**vae_init_kwargs(json.loads(key)))
 
 
 def _t5_numel(t5_cfg, mode: str, world: int, rank: int) -> int:
@@ -175,22 +176,17 @@ def _cached_convs(decoder) -> list[tuple[int, int]]:
     return out
 
 
-def _caches_per_px(decoder, top: int) -> float:
-    """Cached values per output pixel of a whole frame (2 frames of each cached conv input)."""
-    return sum(2 * c * (f / top) ** 2 for f, c in _cached_convs(decoder))
-
-
 def _transient_per_px() -> float:
     """Values per output pixel live at the decode's peak beyond the caches and the video: the rest of
     the calibration peak ~ weights + px x (caches + transient + 3 x frames), for Wan2.1's VAE."""
-    from lightx2v_sp.models.vae_rows import decoder_stages
+    from lightx2v_sp.plan_vae_facts import vae_facts
 
     c = VAE_CALIBRATION
-    vae = _meta_vae({})
-    _, top = decoder_stages(vae.decoder)
+    facts = vae_facts({})
     px = c["height"] * c["width"]
-    total = (c["peak_bytes"] / c["dtype_bytes"] - _numel(vae)) / px
-    return total - _caches_per_px(vae.decoder, top) - 3 * c["frames"]
+    total = (c["peak_bytes"] / c["dtype_bytes"] - facts.numel) / px
+    caches = sum(2 * ch * (f / facts.top) ** 2 for f, ch in facts.convs)  # a whole frame's, per pixel
+    return total - caches - 3 * c["frames"]
 
 
 def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: int, dtype_bytes: int,
@@ -202,14 +198,15 @@ def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: i
     from another rank while gathering (its receive buffer, on the device); `spatial_stride`: pixels
     per latent row and column (the kind's, pipeline/geometry.py).
     """
-    from lightx2v_sp.models.vae_rows import band_window, decoder_stages, unsupported_reason
+    from lightx2v_sp.models.vae_rows import band_window
+    from lightx2v_sp.plan_vae_facts import vae_facts
 
-    vae = _meta_vae(vae_kwargs)
-    weights = (_numel(vae.decoder) + _numel(vae.post_quant_conv)) * dtype_bytes  # the encoder stays on the host
+    facts = vae_facts(vae_kwargs)
+    weights = facts.decode_numel * dtype_bytes  # the encoder stays on the host
     if not bands:
         return {"weights": 0, "caches": 0, "activations": 0, "video": 0}
     height, width = latent_hw
-    if unsupported_reason(vae) is not None:
+    if facts.unsupported is not None:
         # a VAE the row model does not describe (Wan2.2: patchified output) decodes whole on rank 0:
         # scale Wan2.1's measured whole-frame peak by output pixels and frames (an estimate)
         c = VAE_CALIBRATION
@@ -217,13 +214,9 @@ def vae_decode_bytes(vae_kwargs: dict, latent_hw: tuple[int, int], num_frames: i
         scale = (height * stride * width * stride) / (c["height"] * c["width"]) * num_frames / c["frames"]
         return {"weights": weights, "caches": 0, "video": int(3 * num_frames * height * width * stride**2 * dtype_bytes),
                 "activations": int(c["peak_bytes"] / c["dtype_bytes"] * dtype_bytes * scale)}
-    stages, top = decoder_stages(vae.decoder)
-    halo = {}
-    for s in stages:  # the widest window at each factor: the first stage there
-        halo.setdefault(s.factor, s.halo)
-    convs = _cached_convs(vae.decoder)
+    top, halo, convs = facts.top, dict(facts.halos), facts.convs
     px_width = width * top
-    transient_per_px = _transient_per_px() * vae.decoder.conv_out.in_channels / 96
+    transient_per_px = _transient_per_px() * facts.conv_out_channels / 96
     worst = (0.0, 0.0)
     for a, b in bands:
         caches = 0.0

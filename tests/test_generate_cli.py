@@ -178,6 +178,26 @@ def test_exit_with_stdout_closed_keeps_the_status():
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+FAST_EXIT_PROBE = """
+import atexit, runpy, sys
+atexit.register(lambda: print("interpreter teardown", flush=True))  # os._exit skips atexit handlers
+sys.argv = ["generate", "--config", sys.argv[1], "output.path=" + sys.argv[2]]
+runpy.run_module("lightx2v_sp.generate", run_name="__main__")
+"""
+
+
+def test_a_finished_run_leaves_without_the_interpreters_teardown(tmp_path):
+    # a whole run (its imports include torch._dynamo, which imports cProfile: loaded is not active)
+    # ends in os._exit once the outputs are written; LIGHTX2V_SP_FAST_EXIT=0 exits normally
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for fast, name in (("1", "fast.mp4"), ("0", "slow.mp4")):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-c", FAST_EXIT_PROBE, CONFIG, str(out)], cwd=ROOT,
+                              env=dict(env, LIGHTX2V_SP_FAST_EXIT=fast), capture_output=True, text=True)
+        assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
+        assert ("interpreter teardown" in proc.stdout) == (fast == "0"), (fast, proc.stdout[-500:])
+
+
 def test_a_profiler_still_gets_its_results(tmp_path):
     # the fast exit skips the interpreter's teardown, where cProfile (and coverage tools) write their
     # results: with one of them loaded, generate exits normally

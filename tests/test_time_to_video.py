@@ -95,8 +95,7 @@ def test_fa4_disk_cache_is_switched_on_before_import(tmp_path, monkeypatch):
     assert kernel_cache.enable_fa4_disk_cache() is None
 
 
-def test_loader_hands_its_error_to_the_caller_and_abandon_waits(monkeypatch):
-    monkeypatch.setattr(prefetch, "import_shared_packages", lambda: None)  # (diffusers' import: seconds)
+def test_loader_hands_its_error_to_the_caller_and_abandon_waits():
     started, release = threading.Event(), threading.Event()
 
     def load():
@@ -266,3 +265,61 @@ def test_a_decode_that_fails_midway_stops_the_encoder_and_leaves_no_file(tmp_pat
         run(cfg, torch.device("cpu"), progress=False)
     assert os.listdir(tmp_path) == []  # the temporary mp4 the encoder was writing is gone
     assert not [t for t in threading.enumerate() if t.name == "lightx2v_sp-mp4"]  # and its thread ended
+
+
+def test_abort_after_a_close_cut_short_stops_the_encoder_and_removes_the_file(tmp_path):
+    # a signal during close()'s wait: OutputPair's exit then aborts, which must still wait for the encoder
+    # (else ffmpeg goes on writing the whole file after the run reported its failure) and remove the file
+    import numpy as np
+
+    from lightx2v_sp.pipeline.video_stream import VideoStream
+
+    path = tmp_path / "v.mp4"
+    stream = VideoStream(str(path), 8, 8)
+    stream.put(np.random.default_rng(0).integers(0, 255, (24, 64, 64, 3), dtype=np.uint8))
+    stream._closed = True  # what close() had done when the signal cut its join short
+    stream._queue.put(None)
+    stream.abort()
+    assert not stream._thread.is_alive() and not path.exists()
+
+
+def test_the_vae_loaded_during_the_denoise_gives_the_same_video(tmp_path, monkeypatch):
+    # text-to-video, one job: the VAE (and diffusers' autoencoder classes) load in a thread while the
+    # video denoises; the video is the one of a VAE loaded with the DiT, and the summary says which ran
+    from lightx2v_sp.pipeline import runner
+
+    base = ["sample.steps=2", "parallel.ulysses_degree=1"]
+    later = run(load_config(CONFIG, base + [f"output.path={tmp_path}/a.mp4"]), torch.device("cpu"), progress=False)
+    assert later.summary["prefetch"]["vae_during_denoise"] is True
+    assert later.summary["prefetch"]["vae_load_s"] > 0 and "vae" in later.summary["stage_times_s"]
+    monkeypatch.setattr(runner, "vae_loads_later", lambda *a: False)
+    before = run(load_config(CONFIG, base + [f"output.path={tmp_path}/b.mp4"]), torch.device("cpu"), progress=False)
+    assert before.summary["prefetch"]["vae_during_denoise"] is False and "vae" not in before.summary["stage_times_s"]
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
+def test_a_vae_that_fails_to_load_during_the_denoise_is_one_error_and_no_file(tmp_path, monkeypatch):
+    from lightx2v_sp.pipeline import AgreedError
+    from lightx2v_sp.pipeline import prefetch as pf
+
+    def broken(*a, **k):
+        raise ValueError("the VAE at X holds NaN or inf values (planted)")
+
+    monkeypatch.setattr("lightx2v_sp.pipeline.runner.load_vae_checked", broken)
+    cfg = load_config(CONFIG, ["sample.steps=2", "parallel.ulysses_degree=1", f"output.path={tmp_path}/v.mp4"])
+    with pytest.raises(AgreedError, match="planted"):
+        run(cfg, torch.device("cpu"), progress=False)
+    assert os.listdir(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name == "lightx2v_sp-loader"]
+    assert pf.sys.getswitchinterval() == pytest.approx(0.005)  # the loader restored the GIL's switch interval
+
+
+def test_image_to_video_and_servers_load_the_vae_before_the_denoise():
+    from types import SimpleNamespace
+
+    t2v = SimpleNamespace(image_input=False, first_frame=False)
+    i2v = SimpleNamespace(image_input=True, first_frame=False)
+    cfg = load_config(CONFIG, [])
+    assert prefetch.vae_loads_later(cfg, t2v, keep=False)
+    assert not prefetch.vae_loads_later(cfg, t2v, keep=True)  # a server keeps it loaded for every job
+    assert not prefetch.vae_loads_later(cfg, i2v, keep=False)  # the image is encoded before the denoise

@@ -17,6 +17,7 @@ before it. The rules that keep a multi-rank job as safe as without the thread:
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import Callable, Generic, Optional, TypeVar
@@ -34,11 +35,18 @@ log = logging.getLogger("lightx2v_sp")
 
 T = TypeVar("T")
 
+# The GIL's switch interval while a loader runs beside the denoise: the main thread gives up the GIL
+# in every torch call and must win it back before the next launch; at Python's default 5 ms a thread
+# busy importing holds it that long each time, so the launches fell behind the GPU (on the CPU the
+# denoise stalled for the whole import). At 0.1 ms a forward's ~900 launches wait at most ~90 ms
+# together, well inside the GPU's time for them.
+QUICK_SWITCH_S = 1e-4
+
 
 class Loader(Generic[T]):
     """`fn()` in a background thread (`background=True`) or, at `result()`, in the caller's."""
 
-    def __init__(self, fn: Callable[[], T], device: torch.device, background: bool):
+    def __init__(self, fn: Callable[[], T], device: torch.device, background: bool, quick_switch: bool = False):
         if device.type == "cuda" and device.index is None:  # set_device in the thread needs an index
             device = torch.device("cuda", torch.cuda.current_device())
         self._fn, self._device = fn, device
@@ -46,8 +54,11 @@ class Loader(Generic[T]):
         self._error: Optional[BaseException] = None
         self.seconds: Optional[float] = None  # the load's own wall time, wherever it ran
         self._thread = None
-        if background:
-            import_shared_packages()
+        self._switch = None
+        if background:  # (the caller has imported what both threads use: import_shared_packages)
+            if quick_switch:
+                self._switch = sys.getswitchinterval()
+                sys.setswitchinterval(QUICK_SWITCH_S)
             self._thread = threading.Thread(target=self._run, name="lightx2v_sp-loader", daemon=True)
             self._thread.start()
 
@@ -69,6 +80,8 @@ class Loader(Generic[T]):
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
             self._error = e
         self.seconds = round(time.perf_counter() - start, 4)
+        if self._switch is not None:
+            sys.setswitchinterval(self._switch)
 
     def result(self) -> T:
         """The loaded value; the load's exception, raised here, in the caller's thread."""
@@ -94,17 +107,51 @@ class Loader(Generic[T]):
 
     def summary(self) -> dict:
         return {"alongside_text": self.background, "load_s": self.seconds,
-                "note": "load_s: the DiT + VAE load's own wall time; alongside_text: it ran in a thread during "
-                        "the text stage, so the 'load' stage time is only what was left of it"}
+                "note": "load_s: the DiT + VAE load's own wall time (the DiT's alone with vae_during_denoise); "
+                        "alongside_text: it ran in a thread during the text stage, so the 'load' stage time is "
+                        "only what was left of it; vae_load_s: the VAE's load in a thread during the denoise "
+                        "(the 'vae' stage is what was left of it)"}
 
 
-def import_shared_packages() -> None:
+def import_shared_packages(vae: bool = True) -> None:
     """Import, in the caller's thread, the lazily loaded classes both threads use. transformers' and
     diffusers' lazy modules are not safe to initialise from two threads at once: the loader's VAE
     import (diffusers -> peft -> transformers.AutoModel) racing the tokenizer's import of
-    transformers fails with "cannot import name 'AutoModel' from 'transformers'" (seen on CPU)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler  # noqa: F401
+    transformers fails with "cannot import name 'AutoModel' from 'transformers'" (seen on CPU).
+    `vae` False: the VAE loads during the denoise (`vae_loads_later`), after the text stage, when the
+    main thread imports nothing more, so its classes are left to that thread."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler  # noqa: F401
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+    if vae:
+        from diffusers import AutoencoderKLWan  # noqa: F401
+
+
+def vae_loads_later(cfg, kind, keep: bool) -> bool:
+    """Whether the VAE loads in a thread while the video denoises rather than before: a one-job run
+    that needs it only to decode. The GPU does the denoise, while the main thread mostly waits for it
+    with the GIL released, so importing diffusers' autoencoders (seconds of Python, which slowed the
+    text stage by more than it saved when done alongside it) and reading the VAE cost no wall time
+    there. Image-to-video needs it before the denoise; a server keeps it loaded."""
+    from .conditioning import needs_image_stage
+
+    return not keep and not needs_image_stage(kind, cfg)
+
+
+def load_vae_checked(cfg, paths, kind, out_dim: int) -> WanVAE:
+    """The VAE on the host, checked against the DiT's latent channels and the kind's strides. Runs no
+    collective; its errors are the caller's to agree on."""
+    from .runner import DTYPES
+
+    vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
+                       weights=lambda v: v.vae)
+    if vae.z_dim != out_dim:
+        raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
+                         f"{paths.dit} denoises out_dim={out_dim}; they are not one model")
+    if (vae.temporal_stride, vae.spatial_stride) != kind.vae_strides:
+        raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
+                         f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
+    return vae
 
 
 def load_alongside_text(cfg, device: torch.device, world: int, rank: int, shapes) -> bool:
@@ -130,19 +177,10 @@ def load_weights(cfg, paths, kind, device: torch.device, dtype: torch.dtype, loa
     """(the DiT(s), the VAE or None, the attention kernel's name): what the denoise and decode stages
     need, the kernel ready to run (attention/kernel_cache.py). Runs no collective (the Loader's thread
     may run it); its errors are the caller's to agree on."""
-    from .runner import DTYPES
-
     models = load_checked("DiT", paths.dit, lambda: load_experts(kind.experts, cfg, device, dtype),
                           weights=torch.nn.ModuleList)
     model = models[0]
-    vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
-                       weights=lambda v: v.vae) if load_vae else None
-    if vae is not None and vae.z_dim != model.config.out_dim:
-        raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
-                         f"{paths.dit} denoises out_dim={model.config.out_dim}; they are not one model")
-    if vae is not None and (vae.temporal_stride, vae.spatial_stride) != kind.vae_strides:
-        raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
-                         f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
+    vae = load_vae_checked(cfg, paths, kind, model.config.out_dim) if load_vae else None
     # before the progress bar: `auto` logs its pick here, and the summary records it
     # (with a ring, the self-attention's kernel must return its log-sum-exp)
     head_dim = model.config.dim // model.config.num_heads

@@ -45,7 +45,8 @@ from .latents import initial_latents
 from .loras import check_loras
 from .output import OutputPair, check_ours, check_video_writer, check_writable, summary_path
 from .paths import ModelPaths, model_paths_for
-from .prefetch import Loader, load_alongside_text, load_weights
+from .prefetch import (Loader, import_shared_packages, load_alongside_text, load_vae_checked, load_weights,
+                       vae_loads_later)
 from .prompt_cache import PromptCache, prompt_pair
 from .quant import run_summary as quant_summary
 from .rank0_stage import rank0_stage
@@ -105,6 +106,7 @@ class Loaded:
     out_path: Optional[str] = None    # one-job runs: rank 0's checked output path
     cache: object = None              # one-job runs: the step cache settings the preflight checked
     prefetch: dict = field(default_factory=dict)  # how the DiT and VAE load went (prefetch.Loader)
+    vae_later: bool = False           # the VAE loads while the video denoises (prefetch.vae_loads_later)
 
     @property
     def split_decode(self) -> bool:
@@ -187,11 +189,14 @@ def load_models(cfg, device: torch.device, stages: "_Stages", keep: bool = False
     geometry = video_geometry(kind, shapes.dit, cfg.sample)  # the kernel's warm-up shapes
     alongside = load_alongside_text(cfg, device, world, rank, shapes)
     prompts = PromptCache(prompt_cache if keep else 1)
+    later = vae_loads_later(cfg, kind, keep)  # the VAE: while the video denoises (run_job), or with the DiT
     loader = None
     try:
         with stages("text"):
-            loader = Loader(lambda: load_weights(cfg, paths, kind, device, dtype, rank == 0 or split_decode, dims,
-                                                 geometry), device, alongside)
+            import_shared_packages(vae=not later)  # before the thread starts (lazy imports race)
+            loader = Loader(lambda: load_weights(cfg, paths, kind, device, dtype,
+                                                 (rank == 0 or split_decode) and not later, dims, geometry),
+                            device, alongside)
             text = PromptEncoder(cfg, paths, dims, device, dtype, keep=keep)
             if not keep:
                 pair = prompt_pair(cfg)
@@ -208,7 +213,7 @@ def load_models(cfg, device: torch.device, stages: "_Stages", keep: bool = False
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
     return Loaded(cfg=cfg, device=device, dims=dims, paths=paths, kind=kind, shapes=shapes, models=models,
                   experts=experts, vae=vae, kernel=kernel, prompts=prompts, text=text, keep=keep, out_path=out_path,
-                  cache=cache, prefetch=loader.summary())
+                  cache=cache, prefetch={**loader.summary(), "vae_during_denoise": later}, vae_later=later)
 
 
 def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Optional[str], progress: bool = True,
@@ -244,6 +249,10 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
     if needs_image_stage(kind, cfg):
         with stages("image"):
             image = image_inputs(cfg, kind, vae, shape, experts.config.condition_dim, device, dtype, world, rank)
+    vae_loader = None
+    if loaded.vae_later and vae is None and (rank == 0 or split_decode):  # this rank decodes
+        vae_loader = Loader(lambda: load_vae_checked(cfg, paths, kind, experts.config.out_dim), torch.device("cpu"),
+                            background=True, quick_switch=True)
     denoise_stats: dict = {}
     try:
         with stages("denoise"):
@@ -251,11 +260,18 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
             latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
                               stats=denoise_stats, cache=StepCache(cache, dims) if cache else None, on_step=on_step,
                               **image)
+    except BaseException:
+        if vae_loader is not None:
+            vae_loader.abandon()  # no load outlives a failed run
+        raise
     finally:
         if loaded.keep:  # the next job runs them again
             experts.park()
         else:
             experts.release()
+    if loaded.vae_later:  # every rank agrees (a collective), also those that do not decode
+        with stages("vae"):  # what was left of its load when the denoise ended
+            vae = agreed("loading the VAE", vae_loader.result if vae_loader is not None else lambda: None)
     once = first_step_cost(denoise_stats["step_times_s"])
     if once["median_step_s"] is not None:
         log.info("denoise: %.3fs per step after the first, which took %.2fs more (compilation, first-use kernels)",
@@ -327,7 +343,8 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
                                  "pixel_rows_per_rank": rows,
                                  "frames_encoded_while_decoding": streamed}  # the rest after the decode
         result.summary["memory_plan"] = plan_summary(cfg, world, shapes=loaded.shapes)
-        result.summary["prefetch"] = loaded.prefetch
+        result.summary["prefetch"] = {**loaded.prefetch,
+                                      "vae_load_s": vae_loader.seconds if vae_loader is not None else None}
         outputs.commit(result.summary)  # the summary, then the video: replaced together
 
     # the video and its summary replace the previous run's pair together; temporary files go on failure

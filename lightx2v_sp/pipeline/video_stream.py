@@ -98,10 +98,15 @@ class VideoStream:
 
     def abort(self) -> None:
         """Stop at the next frame without raising (the run failed already); the file is removed, by
-        the worker thread once ffmpeg has let go of it (also when a second signal cuts this wait short)."""
+        the worker thread once ffmpeg has let go of it (also when a second signal cuts this wait short).
+        Also after `close` began: a signal may have cut its wait, and the encoder would go on writing."""
+        self._aborted = True  # the thread removes the file once ffmpeg is done with it
+        self._error = self._error or RuntimeError("aborted")
         if not self._closed:
             self._closed = True
-            self._aborted = True  # the thread removes the file once ffmpeg is done with it
-            self._error = self._error or RuntimeError("aborted")
             self._queue.put(None)
-            self._thread.join()
+        self._thread.join()
+        try:  # the worker may have finished before it saw `_aborted`
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
