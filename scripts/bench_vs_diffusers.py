@@ -5,6 +5,7 @@
     python scripts/bench_vs_diffusers.py build /tmp/tiny --size tiny --device cpu     # CPU smoke test
     python scripts/bench_vs_diffusers.py run /tmp/tiny --device cpu --steps 2 3 --reps 1
     python scripts/bench_vs_diffusers.py run DIR --only ours --steps 10 50 --reps 1 model.compile=true
+    python scripts/bench_vs_diffusers.py run DIR --baseline /tmp/base --steps 10 50 --reps 2   # A/B of two commits
 
 `build` writes one diffusers-layout directory (model_index.json, transformer/, text_encoder/,
 tokenizer/, vae/, scheduler/) that both sides load: the DiT and UMT5 as sharded safetensors the way
@@ -17,9 +18,11 @@ init, loading, text, denoise, decode, mp4 write): ours through the real CLI (`py
 lightx2v_sp.generate --config CONFIG model.path=DIR ...`, stages from its JSON summary), diffusers'
 `WanPipeline.from_pretrained` (VAE fp32, the rest bf16) + `export_to_video` at the config's `output.quality`
 (both sides encode the same H.264 quality; stages timed inside the
-job). The order alternates from one step count (and repetition) to the next, the directory is read
-once beforehand (page cache warm) and both sides' imports are compiled once. From two step counts
-the per-step cost is the slope and the fixed cost the intercept.
+job). The order rotates from one step count (and repetition) to the next, the directory is read
+once beforehand (page cache warm), both sides' imports are compiled once and our `--plan` runs once
+(what any earlier run leaves in our cache). From two step counts the per-step cost is the slope and
+the fixed cost the intercept. `--baseline CHECKOUT` adds a third side, our CLI run from another
+checkout of this repository, in the same rotation: an A/B of two commits on one machine in one run.
 """
 from __future__ import annotations
 
@@ -148,10 +151,13 @@ def _config_values(config: str, overrides: list[str]):
     return load_config(config, overrides)
 
 
-def _ours(args, steps: int, out: str) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "lightx2v_sp.generate", "--config", args.config, f"model.path={args.dir}",
-           f"sample.steps={steps}", f"output.path={out}", f"device={args.device}", *args.overrides]
-    wall, _ = _timed_process(cmd)
+def _ours(args, steps: int, out: str, root: str = ROOT) -> tuple[float, dict]:
+    """Our CLI from the checkout at `root` (its working directory and first on PYTHONPATH: `python -m`
+    puts the working directory ahead of PYTHONPATH, so a checkout elsewhere would never be imported)."""
+    cmd = [sys.executable, "-m", "lightx2v_sp.generate", "--config", os.path.abspath(args.config),
+           f"model.path={args.dir}", f"sample.steps={steps}", f"output.path={out}", f"device={args.device}",
+           *args.overrides]
+    wall, _ = _timed_process(cmd, root=root)
     with open(out[:-4] + ".json") as f:
         summary = json.load(f)
     stages = dict(summary["stage_times_s"])
@@ -177,17 +183,17 @@ def _diffusers(args, cfg, steps: int, out: str) -> tuple[float, dict]:
         return wall, json.load(f)
 
 
-def _env(**changes) -> dict:
-    """This process's environment with ROOT on PYTHONPATH; a change to None removes that variable."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+def _env(root: str = ROOT, **changes) -> dict:
+    """This process's environment with `root` first on PYTHONPATH; a change to None removes that variable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     for key, value in changes.items():
         env.pop(key, None) if value is None else env.__setitem__(key, value)
     return env
 
 
-def _timed_process(cmd: list[str], **env_changes) -> tuple[float, str]:
+def _timed_process(cmd: list[str], root: str = ROOT, **env_changes) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(**env_changes), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=root, env=_env(root, **env_changes), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -198,8 +204,8 @@ def _timed_process(cmd: list[str], **env_changes) -> tuple[float, str]:
 # What both sides import, so that every job finds its modules' bytecode cached (as after a pip install)
 IMPORTS = ("import torch, diffusers, transformers, imageio, imageio_ffmpeg, tqdm; "
            "from diffusers import WanPipeline, AutoencoderKLWan, UniPCMultistepScheduler; "
-           "from diffusers.utils import export_to_video; from transformers import AutoTokenizer; "
-           "import lightx2v_sp.generate, lightx2v_sp.pipeline.runner, lightx2v_sp.models.t5, lightx2v_sp.models.wan")
+           "from diffusers.utils import export_to_video; from transformers import AutoTokenizer")
+OUR_IMPORTS = "import lightx2v_sp.generate, lightx2v_sp.pipeline.runner, lightx2v_sp.models.t5, lightx2v_sp.models.wan"
 
 
 def _warm(path: str) -> None:
@@ -222,20 +228,34 @@ def _warm(path: str) -> None:
 def run(args) -> None:
     cfg = _config_values(args.config, [f"model.path={args.dir}", *args.overrides])
     _warm(args.dir)
+    for root in [ROOT] * (args.only != "diffusers") + [args.baseline] * bool(args.baseline):
+        # each checkout's bytecode, and what any earlier run of it leaves in our cache (the plan's VAE facts)
+        _timed_process([sys.executable, "-c", OUR_IMPORTS], root=root, PYTHONDONTWRITEBYTECODE=None)
+        _timed_process([sys.executable, "-m", "lightx2v_sp.generate", "--config", os.path.abspath(args.config),
+                        f"model.path={args.dir}", f"device={args.device}", *args.overrides, "--plan"], root=root)
     outdir = args.outdir or tempfile.mkdtemp(prefix="bench_vs_diffusers-")
+    sides = [side for side in _sides(args) if args.only in (None, side) or side == "baseline"]
     rows = []
     for rep in range(args.reps):
-        for i, steps in enumerate(args.steps):  # the order alternates from run to run, so each side goes first
-            order = [side for side in (("ours", "diffusers") if (rep + i) % 2 == 0 else ("diffusers", "ours"))
-                     if args.only in (None, side)]
+        for i, steps in enumerate(args.steps):  # the order rotates from run to run, so each side goes first
+            k = (rep * len(args.steps) + i) % len(sides)
+            order = sides[k:] + sides[:k]
             for side in order:
                 out = os.path.join(outdir, f"{side}_{steps}_{rep}.mp4")
-                wall, stages = _ours(args, steps, out) if side == "ours" else _diffusers(args, cfg, steps, out)
+                if side == "diffusers":
+                    wall, stages = _diffusers(args, cfg, steps, out)
+                else:
+                    wall, stages = _ours(args, steps, out, root=args.baseline if side == "baseline" else ROOT)
                 row = {"side": side, "steps": steps, "rep": rep, "first": side == order[0], "wall_s": round(wall, 2),
                        "mp4_bytes": os.path.getsize(out), "stages": stages}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     _report(rows, args)
+
+
+def _sides(args) -> list[str]:
+    """ours, diffusers, and `--baseline`'s checkout of ours when given."""
+    return ["ours", "diffusers"] + (["baseline"] if args.baseline else [])
 
 
 def _median(rows, side, steps) -> float:
@@ -251,16 +271,20 @@ def _report(rows: list[dict], args) -> None:
     summary = {}
     print("\n| side | " + " | ".join(f"median wall at {n} steps" for n in args.steps) +
           " | per step s (slope) | fixed s (intercept) |\n|---|" + "---:|" * (len(args.steps) + 2))
-    for side in [x for x in ("ours", "diffusers") if args.only in (None, x)]:
+    for side in [x for x in _sides(args) if args.only in (None, x) or x == "baseline"]:
         med = {n: _median(rows, side, n) for n in args.steps}
         slope = (med[hi] - med[lo]) / (hi - lo) if hi > lo else float("nan")
         fixed = med[lo] - lo * slope
         summary[side] = {"median_wall_s": med, "per_step_s": round(slope, 3), "fixed_s": round(fixed, 2)}
         print(f"| {side} | " + " | ".join(f"{med[n]:.2f}" for n in args.steps) + f" | {slope:.3f} | {fixed:.2f} |")
-    for n in args.steps if len(summary) == 2 else ():
+    for n in args.steps if {"ours", "diffusers"} <= set(summary) else ():
         ratio = summary["ours"]["median_wall_s"][n] / summary["diffusers"]["median_wall_s"][n]
         summary.setdefault("ratio", {})[n] = round(ratio, 3)
         print(f"ours / diffusers at {n} steps: {ratio:.3f}x")
+    for n in args.steps if {"ours", "baseline"} <= set(summary) else ():
+        ratio = summary["ours"]["median_wall_s"][n] / summary["baseline"]["median_wall_s"][n]
+        summary.setdefault("ratio_to_baseline", {})[n] = round(ratio, 3)
+        print(f"ours / baseline ({args.baseline}) at {n} steps: {ratio:.3f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "summary": summary, "config": args.config, "overrides": args.overrides}, f,
@@ -283,6 +307,9 @@ def main() -> None:
     r.add_argument("--device", default="cuda")
     r.add_argument("--outdir", default=None)
     r.add_argument("--json", default=None)
+    r.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                   help="also time our CLI from this other checkout (e.g. `git worktree add /tmp/base <commit>`), "
+                        "in the same rotation: an A/B of two commits in one run (--only does not drop it)")
     r.add_argument("--only", default=None, choices=["ours", "diffusers"],
                    help="run one side alone (e.g. ours, to compare our settings)")
     # any key=value after the options: overrides for our side (the video size also sets diffusers')
