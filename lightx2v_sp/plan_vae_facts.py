@@ -20,7 +20,7 @@ from typing import Optional
 
 from lightx2v_sp.cache_dir import cache_root, writable_dir
 
-FORMAT = 1  # bump when the facts or how they are worked out change: older files are then ignored
+FORMAT = 1  # bump when the file's layout changes (a change to the code that works them out is seen by itself)
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,18 @@ def _diffusers_version() -> str:
         return "none"
 
 
+def _code_digest() -> str:
+    """Of the files that work the facts out: a change there makes earlier files stale by itself."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in ("plan_vae_facts.py", "plan_sizes.py", os.path.join("models", "vae_rows.py")):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
 def _cache_file(key: str) -> str:
-    digest = hashlib.sha256(f"{FORMAT}\n{_diffusers_version()}\n{key}".encode()).hexdigest()[:24]
+    digest = hashlib.sha256(f"{FORMAT}\n{_code_digest()}\n{_diffusers_version()}\n{key}".encode()).hexdigest()[:24]
     return os.path.join(cache_root(), "plan", f"vae-{digest}.json")
 
 

@@ -166,7 +166,9 @@ def _ours(args, steps: int, out: str, root: str = ROOT) -> tuple[float, dict]:
     stages["attention_backend"] = summary["layout"].get("attention_backend")
     for key in ("median_step_s", "first_step_extra_s"):  # per step once warm; what step 1 paid once
         stages[key] = summary["denoise"].get(key)
-    stages["load_alongside_text_s"] = (summary.get("prefetch") or {}).get("load_s")
+    prefetch = summary.get("prefetch") or {}
+    stages["load_alongside_text_s"] = prefetch.get("load_s")  # the DiT's (and the VAE's, unless the next)
+    stages["vae_load_during_denoise_s"] = prefetch.get("vae_load_s")
     return wall, stages
 
 

@@ -277,10 +277,38 @@ def test_abort_after_a_close_cut_short_stops_the_encoder_and_removes_the_file(tm
     path = tmp_path / "v.mp4"
     stream = VideoStream(str(path), 8, 8)
     stream.put(np.random.default_rng(0).integers(0, 255, (24, 64, 64, 3), dtype=np.uint8))
-    stream._closed = True  # what close() had done when the signal cut its join short
-    stream._queue.put(None)
+    stream._end()  # what close() had done when the signal cut its join short
     stream.abort()
     assert not stream._thread.is_alive() and not path.exists()
+
+
+def test_abort_after_a_close_cut_short_on_a_full_queue_does_not_hang(tmp_path, monkeypatch):
+    # the signal landed while close() waited to queue the end marker (the encoder 32 chunks behind):
+    # the marker never went in, and abort() must send it rather than wait for a worker that waits for it
+    import numpy as np
+
+    from lightx2v_sp.pipeline import video_stream
+
+    held = threading.Event()
+
+    class SlowWriter:
+        def append_data(self, frame):
+            held.wait(10)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(video_stream, "open_writer", lambda *a: SlowWriter())
+    stream = video_stream.VideoStream(str(tmp_path / "v.mp4"), 8, 8)
+    chunk = np.zeros((1, 16, 16, 3), dtype=np.uint8)
+    for _ in range(video_stream.MAX_QUEUED_CHUNKS + 1):  # one in the worker's hands, the queue full
+        stream.put(chunk)
+    assert stream._queue.full() and not stream._ended  # close() cut short before its put returned
+    threading.Timer(0.3, held.set).start()  # the encoder finishes its frame, then skips the rest
+    done = threading.Event()
+    threading.Thread(target=lambda: (stream.abort(), done.set()), daemon=True).start()
+    assert done.wait(10), "abort() hung"
+    assert not stream._thread.is_alive()
 
 
 def test_the_vae_loaded_during_the_denoise_gives_the_same_video(tmp_path, monkeypatch):
@@ -323,3 +351,21 @@ def test_image_to_video_and_servers_load_the_vae_before_the_denoise():
     assert prefetch.vae_loads_later(cfg, t2v, keep=False)
     assert not prefetch.vae_loads_later(cfg, t2v, keep=True)  # a server keeps it loaded for every job
     assert not prefetch.vae_loads_later(cfg, i2v, keep=False)  # the image is encoded before the denoise
+
+
+def test_a_vae_of_another_model_is_refused_in_the_preflight(tmp_path, monkeypatch):
+    # the VAE may load only after the denoise, so its latent channels are checked from its config first:
+    # Wan2.2 TI2V's VAE (48 channels) with the Wan2.1 DiT (16) is one line before any stage runs
+    from lightx2v_sp.models.tiny import ensure_tiny_model
+    from lightx2v_sp.pipeline import AgreedError
+
+    vae = os.path.join(ensure_tiny_model(variant="wan2.2-ti2v-5b"), "vae")
+    cfg = load_config(CONFIG, ["sample.steps=2", f"model.vae_path={vae}", f"output.path={tmp_path}/v.mp4"])
+
+    def text_stage(*a, **k):
+        raise AssertionError("the text stage ran: the mismatch was not caught in the preflight")
+
+    monkeypatch.setattr("lightx2v_sp.pipeline.runner.PromptEncoder", text_stage)
+    with pytest.raises((AgreedError, ValueError), match="z_dim=48 latent channels.*out_dim=16"):
+        run(cfg, torch.device("cpu"), progress=False)
+    assert os.listdir(tmp_path) == []

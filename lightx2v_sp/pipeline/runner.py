@@ -134,10 +134,20 @@ def _preflight(cfg, device: torch.device, job: bool = True):
     else:  # the experts are installed with the config's boundary
         boundary_ratio(kind, cfg.sample)
     shapes = shapes_of(paths, kind)  # read once: the plan and the geometry
+    check_vae_channels(shapes, paths)  # (the VAE itself may load only after the denoise)
     check_before_loading(cfg, device, world, rank, shapes)  # CUDA only: the plan against free memory
     if job and cfg.image is not None and rank == 0:  # rank 0 encodes it
         open_image(cfg.image)
     return paths, out, kind, shapes, cache
+
+
+def check_vae_channels(shapes, paths) -> None:
+    """The VAE's latent channels (its config; diffusers' default 16 for the official Wan2.1_VAE.pth)
+    against what the DiT denoises."""
+    z_dim, out_dim = shapes.vae.get("z_dim", 16), shapes.dit.out_dim
+    if z_dim != out_dim:
+        raise ValueError(f"the VAE at {paths.vae} has z_dim={z_dim} latent channels, the DiT at {paths.dit} "
+                         f"denoises out_dim={out_dim}; they are not one model")
 
 
 def _ulysses(cfg) -> int:

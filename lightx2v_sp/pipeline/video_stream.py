@@ -57,7 +57,7 @@ class VideoStream:
         self._writer = open_writer(path, fps, quality)
         self._queue: "queue.Queue[Optional[np.ndarray]]" = queue.Queue(MAX_QUEUED_CHUNKS)
         self._error: Optional[BaseException] = None
-        self._closed = False
+        self._ended = False  # the end marker is queued
         self._aborted = False
         self._thread = threading.Thread(target=self._encode, name="lightx2v_sp-mp4", daemon=True)
         self._thread.start()
@@ -89,22 +89,25 @@ class VideoStream:
 
     def close(self) -> None:
         """Wait until every frame is encoded and the file complete; the encoder's error, if any."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-            self._thread.join()
+        self._end()
+        self._thread.join()
         if self._error is not None:
             raise self._error
+
+    def _end(self) -> None:
+        # the end marker, once: `_ended` is set only after the put returned, so a signal that cut a put
+        # blocked on a full queue leaves abort() to send it (else the worker would wait forever)
+        if not self._ended:
+            self._queue.put(None)
+            self._ended = True
 
     def abort(self) -> None:
         """Stop at the next frame without raising (the run failed already); the file is removed, by
         the worker thread once ffmpeg has let go of it (also when a second signal cuts this wait short).
         Also after `close` began: a signal may have cut its wait, and the encoder would go on writing."""
         self._aborted = True  # the thread removes the file once ffmpeg is done with it
-        self._error = self._error or RuntimeError("aborted")
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
+        self._error = self._error or RuntimeError("aborted")  # the worker skips the frames still queued
+        self._end()
         self._thread.join()
         try:  # the worker may have finished before it saw `_aborted`
             os.remove(self.path)
