@@ -82,8 +82,8 @@ def plan_rank(cfg, shapes: Shapes, world: int, rank: int) -> RankPlan:
     from lightx2v_sp.distributed import split_sizes
     from lightx2v_sp.distributed.mesh import resolve_ulysses_degree
     from lightx2v_sp.pipeline.decode import band_layout
-    from lightx2v_sp.plan_vae_facts import vae_facts
     from lightx2v_sp.pipeline.geometry import video_geometry
+    from lightx2v_sp.plan_vae_facts import vae_facts
 
     s = cfg.sample
     mb = DTYPE_BYTES[cfg.model.dtype]

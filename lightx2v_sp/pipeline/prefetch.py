@@ -145,13 +145,18 @@ def load_vae_checked(cfg, paths, kind, out_dim: int) -> WanVAE:
 
     vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
                        weights=lambda v: v.vae)
-    if vae.z_dim != out_dim:
-        raise ValueError(f"the VAE at {paths.vae} has z_dim={vae.z_dim} latent channels, the DiT at "
-                         f"{paths.dit} denoises out_dim={out_dim}; they are not one model")
+    check_vae_channels(vae.z_dim, out_dim, paths)  # the weights' own, beside the preflight's from the config
     if (vae.temporal_stride, vae.spatial_stride) != kind.vae_strides:
         raise ValueError(f"the VAE at {paths.vae} compresses time x space by {vae.temporal_stride} x "
                          f"{vae.spatial_stride}, its config.json says {kind.vae_strides}")
     return vae
+
+
+def check_vae_channels(z_dim: int, out_dim: int, paths) -> None:
+    """The VAE's latent channels against what the DiT denoises."""
+    if z_dim != out_dim:
+        raise ValueError(f"the VAE at {paths.vae} has z_dim={z_dim} latent channels, the DiT at {paths.dit} "
+                         f"denoises out_dim={out_dim}; they are not one model")
 
 
 def load_alongside_text(cfg, device: torch.device, world: int, rank: int, shapes) -> bool:

@@ -45,8 +45,8 @@ from .latents import initial_latents
 from .loras import check_loras
 from .output import OutputPair, check_ours, check_video_writer, check_writable, summary_path
 from .paths import ModelPaths, model_paths_for
-from .prefetch import (Loader, import_shared_packages, load_alongside_text, load_vae_checked, load_weights,
-                       vae_loads_later)
+from .prefetch import (Loader, check_vae_channels, import_shared_packages, load_alongside_text, load_vae_checked,
+                       load_weights, vae_loads_later)
 from .prompt_cache import PromptCache, prompt_pair
 from .quant import run_summary as quant_summary
 from .rank0_stage import rank0_stage
@@ -134,20 +134,13 @@ def _preflight(cfg, device: torch.device, job: bool = True):
     else:  # the experts are installed with the config's boundary
         boundary_ratio(kind, cfg.sample)
     shapes = shapes_of(paths, kind)  # read once: the plan and the geometry
-    check_vae_channels(shapes, paths)  # (the VAE itself may load only after the denoise)
+    # from the config (diffusers' default 16 for the official Wan2.1_VAE.pth): the VAE itself may load
+    # only after the denoise
+    check_vae_channels(shapes.vae.get("z_dim", 16), shapes.dit.out_dim, paths)
     check_before_loading(cfg, device, world, rank, shapes)  # CUDA only: the plan against free memory
     if job and cfg.image is not None and rank == 0:  # rank 0 encodes it
         open_image(cfg.image)
     return paths, out, kind, shapes, cache
-
-
-def check_vae_channels(shapes, paths) -> None:
-    """The VAE's latent channels (its config; diffusers' default 16 for the official Wan2.1_VAE.pth)
-    against what the DiT denoises."""
-    z_dim, out_dim = shapes.vae.get("z_dim", 16), shapes.dit.out_dim
-    if z_dim != out_dim:
-        raise ValueError(f"the VAE at {paths.vae} has z_dim={z_dim} latent channels, the DiT at {paths.dit} "
-                         f"denoises out_dim={out_dim}; they are not one model")
 
 
 def _ulysses(cfg) -> int:
@@ -223,7 +216,7 @@ def load_models(cfg, device: torch.device, stages: "_Stages", keep: bool = False
         experts = install_experts(models, cfg, dims, device, boundary_ratio(kind, cfg.sample))
     return Loaded(cfg=cfg, device=device, dims=dims, paths=paths, kind=kind, shapes=shapes, models=models,
                   experts=experts, vae=vae, kernel=kernel, prompts=prompts, text=text, keep=keep, out_path=out_path,
-                  cache=cache, prefetch={**loader.summary(), "vae_during_denoise": later}, vae_later=later)
+                  cache=cache, prefetch=loader.summary(), vae_later=later)
 
 
 def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Optional[str], progress: bool = True,
@@ -260,7 +253,7 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
         with stages("image"):
             image = image_inputs(cfg, kind, vae, shape, experts.config.condition_dim, device, dtype, world, rank)
     vae_loader = None
-    if loaded.vae_later and vae is None and (rank == 0 or split_decode):  # this rank decodes
+    if loaded.vae_later and (rank == 0 or split_decode):  # this rank decodes
         vae_loader = Loader(lambda: load_vae_checked(cfg, paths, kind, experts.config.out_dim), torch.device("cpu"),
                             background=True, quick_switch=True)
     denoise_stats: dict = {}
@@ -353,7 +346,7 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
                                  "pixel_rows_per_rank": rows,
                                  "frames_encoded_while_decoding": streamed}  # the rest after the decode
         result.summary["memory_plan"] = plan_summary(cfg, world, shapes=loaded.shapes)
-        result.summary["prefetch"] = {**loaded.prefetch,
+        result.summary["prefetch"] = {**loaded.prefetch, "vae_during_denoise": loaded.vae_later,
                                       "vae_load_s": vae_loader.seconds if vae_loader is not None else None}
         outputs.commit(result.summary)  # the summary, then the video: replaced together
 
