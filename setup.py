@@ -13,6 +13,7 @@ setup(
         "torch>=2.4",
         "diffusers>=0.33",
         "transformers>=4.50",
+        "tokenizers>=0.19",  # the run reads tokenizer.json with it directly (models/t5/tokenizer.py)
         "omegaconf>=2.3",
         "einops",
         "safetensors",

@@ -168,6 +168,7 @@ def _ours(args, steps: int, out: str, root: str = ROOT) -> tuple[float, dict]:
         stages[key] = summary["denoise"].get(key)
     prefetch = summary.get("prefetch") or {}
     stages["load_alongside_text_s"] = prefetch.get("load_s")  # the DiT's (and the VAE's, unless the next)
+    stages["vae_import_during_denoise_s"] = prefetch.get("vae_import_s")  # in the GPU's shadow (shadow_load.py)
     stages["vae_load_during_denoise_s"] = prefetch.get("vae_load_s")
     return wall, stages
 

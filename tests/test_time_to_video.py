@@ -312,8 +312,8 @@ def test_abort_after_a_close_cut_short_on_a_full_queue_does_not_hang(tmp_path, m
 
 
 def test_the_vae_loaded_during_the_denoise_gives_the_same_video(tmp_path, monkeypatch):
-    # text-to-video, one job: the VAE (and diffusers' autoencoder classes) load in a thread while the
-    # video denoises; the video is the one of a VAE loaded with the DiT, and the summary says which ran
+    # text-to-video, one job: the VAE loads while the video denoises (its decoder alone, ours); the video
+    # is the one of diffusers' VAE loaded with the DiT, and the summary says which ran
     from lightx2v_sp.pipeline import runner
 
     base = ["sample.steps=2", "parallel.ulysses_degree=1"]
@@ -323,6 +323,9 @@ def test_the_vae_loaded_during_the_denoise_gives_the_same_video(tmp_path, monkey
     monkeypatch.setattr(runner, "vae_loads_later", lambda *a: False)
     before = run(load_config(CONFIG, base + [f"output.path={tmp_path}/b.mp4"]), torch.device("cpu"), progress=False)
     assert before.summary["prefetch"]["vae_during_denoise"] is False and "vae" not in before.summary["stage_times_s"]
+    # decode only: our decoder (models/vae_decoder.py) against diffusers' AutoencoderKLWan, the same video
+    assert (later.summary["vae"]["module"], before.summary["vae"]["module"]) == ("WanVAEDecoder", "AutoencoderKLWan")
+    assert torch.equal(later.latents, before.latents)
     assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
 
 
@@ -369,3 +372,40 @@ def test_a_vae_of_another_model_is_refused_in_the_preflight(tmp_path, monkeypatc
     with pytest.raises((AgreedError, ValueError), match="z_dim=48 latent channels.*out_dim=16"):
         run(cfg, torch.device("cpu"), progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_vae_imports_run_in_the_main_thread_one_per_step_before_the_step_waits(tmp_path, monkeypatch):
+    # shadow_load.py: the GIL-heavy import runs where the main thread would only wait for the GPU,
+    # one piece per step; the weights are read in a thread afterwards; pieces a short run leaves run
+    # at result(); a failing piece is skipped (the load reports real errors)
+    import threading
+
+    from lightx2v_sp.pipeline import denoise as dn
+    from lightx2v_sp.pipeline import runner, shadow_load
+
+    events, made = [], []
+    real_check = dn.check_latents
+    monkeypatch.setattr(dn, "check_latents", lambda *a: (events.append("wait"), real_check(*a)))
+
+    class Recorded(shadow_load.ShadowLoad):
+        def __init__(self, load, modules):
+            assert modules == ()  # the tiny VAE has Wan2.1's layout: vae_decoder.py, no diffusers to import
+            super().__init__(lambda: (events.append(("load", threading.current_thread().name)), load())[1],
+                             modules=["colorsys", "no_such_module_x", *shadow_load.VAE_IMPORTS])
+            made.append(self)
+
+        def step(self):
+            events.append(("piece", threading.current_thread().name))
+            super().step()
+
+    monkeypatch.setattr(runner, "ShadowLoad", Recorded)
+    cfg = load_config(CONFIG, ["sample.steps=2", "parallel.ulysses_degree=1", f"output.path={tmp_path}/v.mp4"])
+    result = run(cfg, torch.device("cpu"), progress=False)
+    assert events[:4] == [("piece", "MainThread"), "wait", ("piece", "MainThread"), "wait"]
+    assert ("load", "lightx2v_sp-loader") in events  # the weights: in a thread, after every import
+    pieces = [e for e in events if e[0] == "piece"]
+    assert events.index(("load", "lightx2v_sp-loader")) > events.index(pieces[-1])
+    imports = result.summary["prefetch"]["vae_imports_s"]
+    assert list(imports) == ["colorsys", "no_such_module_x", *shadow_load.VAE_IMPORTS]  # all ran, in order
+    assert result.summary["prefetch"]["vae_load_s"] > 0 and len(made) == 1
+    assert (tmp_path / "v.mp4").stat().st_size > 0

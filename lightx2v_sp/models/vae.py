@@ -1,5 +1,6 @@
 """The Wan2.1 VAE: diffusers' AutoencoderKLWan, loaded from a diffusers directory or the official
-`Wan2.1_VAE.pth`, plus the latent (de)normalisation Wan applies around it.
+`Wan2.1_VAE.pth`, plus the latent (de)normalisation Wan applies around it. A run that only decodes
+loads our own decoder instead (vae_decoder.py: the same output, no diffusers import).
 
 The official file stores the same modules under other names (`downsamples`, `middle`, `head`,
 `residual.N`, `conv1`/`conv2` for the quant convs) and no config. Its config is read off the
@@ -161,52 +162,102 @@ def _diffusers_to_official_key(key: str, num_res_blocks: int) -> str:
     raise KeyError(key)
 
 
-def _load_official(path: str, dtype: torch.dtype):
-    from diffusers import AutoencoderKLWan
-
+def _official_state(path: str) -> tuple[dict, dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
         state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; it is not a Wan2.1 VAE")
-    cfg, converted = convert_official_state(state, path)
-    with torch.device("meta"):
-        vae = AutoencoderKLWan(**cfg)
-    expected = set(vae.state_dict())
-    missing, extra = sorted(expected - set(converted)), sorted(set(converted) - expected)
-    if missing or extra:
-        raise ValueError(f"{path}: converted VAE keys do not match AutoencoderKLWan({cfg['base_dim']=}, "
-                         f"{cfg['dim_mult']=}): missing {missing[:6]}, unexpected {extra[:6]}; nothing was loaded")
-    vae.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
-    return vae
+    return convert_official_state(state, path)
 
 
-def load_vae(path, dtype: torch.dtype = torch.float32):
-    """AutoencoderKLWan from a diffusers `vae/` directory or an official `Wan2.1_VAE.pth` file."""
+def _load_official(path: str, dtype: torch.dtype):
     from diffusers import AutoencoderKLWan
 
+    cfg, converted = _official_state(path)
+    from .vae_decoder import assign_exactly
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**cfg)
+    return assign_exactly(vae, converted, dtype, f"{path}: converted VAE keys do not match AutoencoderKLWan("
+                                                 f"{cfg['base_dim']=}, {cfg['dim_mult']=})")
+
+
+def _decoder_files(path: str) -> Optional[list[str]]:
+    """The safetensors file(s) of a diffusers VAE directory (None where it has none: .bin only)."""
+    single = os.path.join(path, "diffusion_pytorch_model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    index = single + ".index.json"
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+    return None
+
+
+def _load_decoder_only(path: str, config: Optional[dict], dtype: torch.dtype):
+    """vae_decoder.WanVAEDecoder (no diffusers) where the VAE has Wan2.1's layout; None where not."""
+    from safetensors import safe_open
+
+    from . import vae_decoder
+
+    if config is None:  # the official file: Wan2.1's VAE, its config read off the shapes
+        cfg, converted = _official_state(path)
+        return vae_decoder.build(cfg, converted, dtype, path)
+    files = _decoder_files(path)
+    if vae_decoder.unsupported(config) is not None or files is None:
+        return None
+    state = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(("post_quant_conv.", "decoder."))})
+    cfg = {"latents_mean": WAN21_LATENTS_MEAN, "latents_std": WAN21_LATENTS_STD, **config}
+    return vae_decoder.build(cfg, state, dtype, path)
+
+
+def load_vae(path, dtype: torch.dtype = torch.float32, decode_only: bool = False):
+    """AutoencoderKLWan from a diffusers `vae/` directory or an official `Wan2.1_VAE.pth` file.
+
+    `decode_only`: a Wan2.1-layout VAE loads as vae_decoder.WanVAEDecoder (the decoder's weights
+    only, no diffusers import); other layouts still load as AutoencoderKLWan."""
     path = os.fspath(path)
     if os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             official = os.path.join(path, OFFICIAL_VAE_FILENAME)
             if os.path.isfile(official):
-                return load_vae(official, dtype)
+                return load_vae(official, dtype, decode_only)
             raise ValueError(f"VAE directory {path} has no config.json (diffusers layout) and no "
                              f"{OFFICIAL_VAE_FILENAME} (official layout); the VAE cannot be loaded")
         with open(cfg_file) as f:
-            cls = json.load(f).get("_class_name")
+            config = json.load(f)
+        cls = config.get("_class_name")
         if cls != "AutoencoderKLWan":
             raise ValueError(f"{cfg_file} describes a {cls!r}, not an AutoencoderKLWan; it is not a Wan2.1 VAE")
-        # low_cpu_mem_usage=False: the meta-device path needs `accelerate`, and a VAE is small
-        vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                               low_cpu_mem_usage=False)
+        vae = _load_decoder_only(path, config, dtype) if decode_only else None
+        if vae is None:
+            from diffusers import AutoencoderKLWan
+
+            # low_cpu_mem_usage=False: the meta-device path needs `accelerate`, and a VAE is small
+            vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                   low_cpu_mem_usage=False)
     elif os.path.isfile(path):
-        vae = _load_official(path, dtype)
+        vae = _load_decoder_only(path, None, dtype) if decode_only else _load_official(path, dtype)
     else:
         raise ValueError(f"VAE checkpoint {path!r} does not exist")
     return vae.eval().requires_grad_(False)
+
+
+def decodes_without_diffusers(path) -> bool:
+    """Whether `load_vae(path, decode_only=True)` builds vae_decoder's decoder (reads config.json only)."""
+    from . import vae_decoder
+
+    path = os.fspath(path)
+    config = vae_decoder.read_config(path)
+    if config is None:
+        return os.path.isfile(path) or os.path.isfile(os.path.join(path, OFFICIAL_VAE_FILENAME))
+    return vae_decoder.unsupported(config) is None and _decoder_files(path) is not None
 
 
 class WanVAE:
@@ -222,8 +273,8 @@ class WanVAE:
         self.spatial_stride = cfg.scale_factor_spatial or 8
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32) -> "WanVAE":
-        return cls(load_vae(path, dtype))
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, decode_only: bool = False) -> "WanVAE":
+        return cls(load_vae(path, dtype, decode_only))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -236,6 +287,8 @@ class WanVAE:
         The posterior's mode (its mean), as diffusers' Wan I2V pipeline takes it: no sampling noise.
         """
         device = device or video.device
+        if not hasattr(self.vae, "encode"):
+            raise RuntimeError("this VAE was loaded to decode only (load_vae(decode_only=True)); it cannot encode")
         posterior = self.vae.encode(video.to(device=device, dtype=self.dtype), return_dict=False)[0]
         z = posterior.mode().float()
         return (z - self.mean.to(z.device)) / self.std.to(z.device)

@@ -1,4 +1,5 @@
-"""Exact decode of a band of latent rows with diffusers' AutoencoderKLWan (Wan2.1 VAE).
+"""Exact decode of a band of latent rows with the Wan2.1 VAE (diffusers' AutoencoderKLWan, or
+vae_decoder.WanVAEDecoder: the same module names).
 
 The decoder is, per latent frame: conv_in -> mid block (two residual blocks around a
 single-head attention over the whole H x W of the frame) -> up blocks (residual blocks, then
@@ -46,14 +47,12 @@ def _rows_spoiled(conv: nn.Module) -> int:
 
 def unsupported_reason(vae) -> str | None:
     """Why `vae` cannot be decoded in row bands (None when it can)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpBlock
-
     dec = getattr(vae, "decoder", None)
     if dec is None or not hasattr(dec, "mid_block"):
-        return f"{type(vae).__name__} is not a diffusers AutoencoderKLWan"
+        return f"{type(vae).__name__} is not a Wan VAE (diffusers' AutoencoderKLWan or vae_decoder.WanVAEDecoder)"
     if getattr(vae.config, "patch_size", None) is not None:
         return "the VAE unpatchifies its output (Wan2.2 layout)"
-    if not all(isinstance(b, WanUpBlock) for b in dec.up_blocks):
+    if getattr(vae.config, "is_residual", False):
         return "its up blocks are residual (Wan2.2 layout)"
     return None
 

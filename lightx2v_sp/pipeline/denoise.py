@@ -90,7 +90,7 @@ def install_parallel(model: WanModel, cfg, dims, device: torch.device, transport
 def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, dims, show_progress: bool,
             condition: torch.Tensor | None = None, image_context: torch.Tensor | None = None,
             first_frame: torch.Tensor | None = None, stats: dict | None = None, cache=None,
-            on_step=None) -> torch.Tensor:
+            on_step=None, while_queued=None) -> torch.Tensor:
     """Run `sample.steps` sampler steps from `latents` (fp32); returns the final latents (fp32).
 
     `model` is one DiT or the `Experts` of a two-expert model (which one runs, and its guidance
@@ -103,6 +103,8 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
     timesteps it ran. `cache` (a pipeline.cache.StepCache, optional) decides per step and branch whether
     the DiT's blocks run; its decisions go to `stats["cache"]`. `on_step(step, num_steps)` (optional)
     runs after each step: progress and cancellation of served jobs (serve/); it may raise to stop the loop.
+    `while_queued()` (optional) runs once per step between queueing the step's work and waiting for it:
+    host work in the GPU's shadow (shadow_load.py).
     """
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift, timesteps=s.timesteps)
@@ -134,7 +136,9 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
 
             velocity = guided_prediction(forward, contexts.cond, contexts.uncond, scale, dims)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-            check_latents(latents, step, num_steps)
+            if while_queued is not None:  # host work while the GPU runs the step's queued kernels
+                while_queued()
+            check_latents(latents, step, num_steps)  # waits for the step
             if on_step is not None:
                 on_step(step, num_steps)
             now = time.perf_counter()

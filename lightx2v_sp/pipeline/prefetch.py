@@ -109,22 +109,24 @@ class Loader(Generic[T]):
         return {"alongside_text": self.background, "load_s": self.seconds,
                 "note": "load_s: the DiT + VAE load's own wall time (the DiT's alone with vae_during_denoise); "
                         "alongside_text: it ran in a thread during the text stage, so the 'load' stage time is "
-                        "only what was left of it; vae_load_s: the VAE's load in a thread during the denoise "
-                        "(the 'vae' stage is what was left of it)"}
+                        "only what was left of it; with vae_during_denoise, vae_imports_s: diffusers' VAE "
+                        "imported piece by piece in the main thread while the GPU ran queued denoising steps "
+                        "(shadow_load.py; pieces left when the denoise ended ran after it), vae_load_s: then "
+                        "the VAE's weights read in a thread (the 'vae' stage is what was left of both)"}
 
 
 def import_shared_packages(vae: bool = True) -> None:
-    """Import, in the caller's thread, the lazily loaded classes both threads use. transformers' and
+    """Import, in the caller's thread, the lazily loaded classes both threads may use. transformers' and
     diffusers' lazy modules are not safe to initialise from two threads at once: the loader's VAE
     import (diffusers -> peft -> transformers.AutoModel) racing the tokenizer's import of
     transformers fails with "cannot import name 'AutoModel' from 'transformers'" (seen on CPU).
     `vae` False: the VAE loads during the denoise (`vae_loads_later`), after the text stage, when the
-    main thread imports nothing more, so its classes are left to that thread."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler  # noqa: F401
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
-
+    main thread imports nothing more, so its classes are left to that thread, and the text stage
+    imports neither package (the tokenizer reads tokenizer.json with `tokenizers`; transformers only
+    for a directory without one, while the loader thread reads the DiT alone)."""
     if vae:
         from diffusers import AutoencoderKLWan  # noqa: F401
+        from transformers import AutoTokenizer  # noqa: F401
 
 
 def vae_loads_later(cfg, kind, keep: bool) -> bool:
@@ -138,12 +140,14 @@ def vae_loads_later(cfg, kind, keep: bool) -> bool:
     return not keep and not needs_image_stage(kind, cfg)
 
 
-def load_vae_checked(cfg, paths, kind, out_dim: int) -> WanVAE:
+def load_vae_checked(cfg, paths, kind, out_dim: int, decode_only: bool = False) -> WanVAE:
     """The VAE on the host, checked against the DiT's latent channels and the kind's strides. Runs no
-    collective; its errors are the caller's to agree on."""
+    collective; its errors are the caller's to agree on. `decode_only`: its decoder alone where
+    models/vae_decoder.py reproduces it (a run that never encodes)."""
     from .runner import DTYPES
 
-    vae = load_checked("VAE", paths.vae, lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype]),
+    vae = load_checked("VAE", paths.vae,
+                       lambda: WanVAE.from_pretrained(paths.vae, DTYPES[cfg.vae.dtype], decode_only=decode_only),
                        weights=lambda v: v.vae)
     check_vae_channels(vae.z_dim, out_dim, paths)  # the weights' own, beside the preflight's from the config
     if (vae.temporal_stride, vae.spatial_stride) != kind.vae_strides:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from lightx2v_sp.config import to_dict, uses_cfg
 from lightx2v_sp.distributed import CommStats, ParallelDims, check_layout, resolve_ulysses_degree
 from lightx2v_sp.distributed.groups import job_size_rank
-from lightx2v_sp.models.vae import to_uint8_frames
+from lightx2v_sp.models.vae import decodes_without_diffusers, to_uint8_frames
 from lightx2v_sp.offload import StageMemory
 from lightx2v_sp.plan import check_before_loading, plan_summary, shapes_of
 from lightx2v_sp.plan_sizes import Shapes
@@ -50,6 +50,7 @@ from .prefetch import (Loader, check_vae_channels, import_shared_packages, load_
 from .prompt_cache import PromptCache, prompt_pair
 from .quant import run_summary as quant_summary
 from .rank0_stage import rank0_stage
+from .shadow_load import VAE_IMPORTS, ShadowLoad
 from .step_times import first_step_cost
 from .text import PromptEncoder, check_text_encoder_layout
 
@@ -253,16 +254,17 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
         with stages("image"):
             image = image_inputs(cfg, kind, vae, shape, experts.config.condition_dim, device, dtype, world, rank)
     vae_loader = None
-    if loaded.vae_later and (rank == 0 or split_decode):  # this rank decodes
-        vae_loader = Loader(lambda: load_vae_checked(cfg, paths, kind, experts.config.out_dim), torch.device("cpu"),
-                            background=True, quick_switch=True)
+    if loaded.vae_later and (rank == 0 or split_decode):  # this rank decodes: its VAE loads in the GPU's shadow
+        # decode only: Wan2.1's layout needs no diffusers (models/vae_decoder.py), so nothing to import first
+        vae_loader = ShadowLoad(lambda: load_vae_checked(cfg, paths, kind, experts.config.out_dim, decode_only=True),
+                                modules=() if decodes_without_diffusers(paths.vae) else VAE_IMPORTS)
     denoise_stats: dict = {}
     try:
         with stages("denoise"):
             latents = initial_latents(cfg.seed, shape, device)
             latents = denoise(experts, latents, contexts, cfg, dims, show_progress=progress and rank == 0,
                               stats=denoise_stats, cache=StepCache(cache, dims) if cache else None, on_step=on_step,
-                              **image)
+                              while_queued=vae_loader.step if vae_loader is not None else None, **image)
     except BaseException:
         if vae_loader is not None:
             vae_loader.abandon()  # no load outlives a failed run
@@ -344,10 +346,11 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
         result.summary["cache"] = cache_summary(cache, [r["cache"] for r in per_rank], cfg, paths.as_dict())
         result.summary["vae"] = {"dtype": cfg.vae.dtype, "parallel": cfg.vae.parallel, "tiling": cfg.vae.tiling,
                                  "pixel_rows_per_rank": rows,
-                                 "frames_encoded_while_decoding": streamed}  # the rest after the decode
+                                 "frames_encoded_while_decoding": streamed,  # the rest after the decode
+                                 "module": None if vae is None else type(vae.vae).__name__}  # ours: WanVAEDecoder
         result.summary["memory_plan"] = plan_summary(cfg, world, shapes=loaded.shapes)
         result.summary["prefetch"] = {**loaded.prefetch, "vae_during_denoise": loaded.vae_later,
-                                      "vae_load_s": vae_loader.seconds if vae_loader is not None else None}
+                                      **(vae_loader.summary() if vae_loader is not None else {"vae_load_s": None})}
         outputs.commit(result.summary)  # the summary, then the video: replaced together
 
     # the video and its summary replace the previous run's pair together; temporary files go on failure
@@ -358,10 +361,22 @@ def run_job(loaded: Loaded, cfg, stages: "_Stages", started: float, out_path: Op
     return result
 
 
+def package_versions() -> dict:
+    """The versions that shape the numbers, from the installed metadata: importing diffusers only for
+    its version would cost a run seconds of start-up."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__}
+    for name in ("diffusers", "transformers", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _summary(cfg, dims, device, paths, shape, stages: _Stages, per_rank: list[dict], started: float,
              out_path: str, kernel: str) -> dict:
-    import diffusers
-
     s = cfg.sample
     return {
         "output_path": out_path,
@@ -387,6 +402,6 @@ def _summary(cfg, dims, device, paths, shape, stages: _Stages, per_rank: list[di
                                         "value includes the stages before it",
                                 "rank0": stages.memory.host_as_dict(), "per_rank": [r["host_rss"] for r in per_rank]},
         "comm": _comm_summary([r["comm"] for r in per_rank]),
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+        "versions": package_versions(),
         "config": to_dict(cfg),
     }

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from lightx2v_sp.models.t5 import T5Encoder, T5Shard, load_tokenizer, parallelize_t5, tokenize
-from lightx2v_sp.models.t5.tokenizer import clean_prompt
+from lightx2v_sp.models.t5.tokenizer import token_count
 from lightx2v_sp.offload import ComponentPlacement
 
 from .checks import agreed
@@ -50,7 +50,7 @@ def cut_tokens(tokenizer, prompts: list[str], text_len: int) -> list[int]:
     names = ["prompt", "negative_prompt"]
     cut = []
     for name, prompt in zip(names, prompts):
-        n = len(tokenizer(clean_prompt(prompt), add_special_tokens=True)["input_ids"])
+        n = token_count(tokenizer, prompt)
         cut.append(max(0, n - text_len))
         if n > text_len:
             log.warning("warning: %s has %d tokens; text_encoder.text_len=%d keeps the first %d and cuts %d",

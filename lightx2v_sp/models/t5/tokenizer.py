@@ -1,12 +1,17 @@
 """Prompt -> (input_ids, attention_mask) as Wan2.1 feeds its UMT5 encoder.
 
-The tokenizer is transformers' AutoTokenizer read from a local directory only (Wan2.1 ships it
-under google/umt5-xxl/); nothing is fetched from a hub. Prompts are cleaned the way Wan cleans
+The tokenizer is read from a local directory only (Wan2.1 ships it under google/umt5-xxl/, the
+-Diffusers repos under tokenizer/); nothing is fetched from a hub. Where the directory has a
+`tokenizer.json` (every Wan release does) it runs through the `tokenizers` library directly,
+set up as transformers sets up a fast tokenizer for `padding="max_length", truncation=True`: the
+same encodings, without importing transformers (seconds of start-up). A directory with only
+`spiece.model` goes through transformers' AutoTokenizer. Prompts are cleaned the way Wan cleans
 them (HTML entities unescaped, whitespace runs collapsed), then padded / truncated to `text_len`.
 """
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -17,16 +22,57 @@ import torch
 WAN_TOKENIZER_SUBDIR = os.path.join("google", "umt5-xxl")
 
 
-def load_tokenizer(path):
-    """AutoTokenizer from a local directory (or a Wan2.1 model directory holding google/umt5-xxl/)."""
-    from transformers import AutoTokenizer
+class FastTokenizer:
+    """tokenizer.json with the special tokens and sides of tokenizer_config.json / special_tokens_map.json."""
 
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        settings = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+            file = os.path.join(path, name)
+            if os.path.isfile(file):
+                with open(file, encoding="utf-8") as f:
+                    settings.update({k: v for k, v in json.load(f).items() if v is not None})
+        pad = settings.get("pad_token")
+        self.pad_token = pad.get("content") if isinstance(pad, dict) else pad
+        self.pad_id = None if self.pad_token is None else self.tokenizer.token_to_id(self.pad_token)
+        self.padding_side = settings.get("padding_side", "right")
+        self.truncation_side = settings.get("truncation_side", "right")
+
+    def encode(self, texts: list[str], text_len: int) -> tuple[list[list[int]], list[list[int]]]:
+        if self.pad_id is None:
+            raise ValueError(f"the tokenizer at {self.path} has no padding token (pad_token {self.pad_token!r} in its "
+                             "config), so prompts cannot be padded to text_encoder.text_len")
+        tok = self.tokenizer
+        tok.enable_truncation(max_length=text_len, stride=0, strategy="longest_first", direction=self.truncation_side)
+        tok.enable_padding(length=text_len, direction=self.padding_side, pad_id=self.pad_id, pad_type_id=0,
+                           pad_token=self.pad_token)
+        out = tok.encode_batch(texts, add_special_tokens=True)
+        return [e.ids for e in out], [e.attention_mask for e in out]
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` with the special tokens, before truncation."""
+        tok = self.tokenizer
+        tok.no_truncation()
+        tok.no_padding()
+        return len(tok.encode(text, add_special_tokens=True).ids)
+
+
+def load_tokenizer(path):
+    """The tokenizer of a local directory (or of a Wan2.1 model directory holding google/umt5-xxl/)."""
     path = os.fspath(path)
     nested = os.path.join(path, WAN_TOKENIZER_SUBDIR)
     if os.path.isdir(nested):
         path = nested
     if not os.path.isdir(path):
         raise ValueError(f"tokenizer directory {path!r} does not exist; it is read locally, never downloaded")
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return FastTokenizer(path)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -35,12 +81,23 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def token_count(tokenizer, text: str) -> int:
+    """Tokens of the cleaned `text` with the special tokens, before truncation."""
+    if isinstance(tokenizer, FastTokenizer):
+        return tokenizer.count(clean_prompt(text))
+    return len(tokenizer(clean_prompt(text), add_special_tokens=True)["input_ids"])
+
+
 def tokenize(tokenizer, prompts: str | Sequence[str], text_len: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """-> input_ids [B, text_len] (int64), attention_mask [B, text_len] (1 = token, right-padded)."""
     if text_len < 1:
         raise ValueError(f"text_len must be >= 1, got {text_len}")
     if isinstance(prompts, str):
         prompts = [prompts]
-    out = tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
-                    max_length=text_len, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    texts = [clean_prompt(p) for p in prompts]
+    if isinstance(tokenizer, FastTokenizer):
+        ids, mask = tokenizer.encode(texts, text_len)
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+    out = tokenizer(texts, padding="max_length", truncation=True, max_length=text_len, add_special_tokens=True,
+                    return_attention_mask=True, return_tensors="pt")
     return out["input_ids"].to(torch.long), out["attention_mask"].to(torch.long)
