@@ -409,3 +409,40 @@ def test_the_vae_imports_run_in_the_main_thread_one_per_step_before_the_step_wai
     assert list(imports) == ["colorsys", "no_such_module_x", *shadow_load.VAE_IMPORTS]  # all ran, in order
     assert result.summary["prefetch"]["vae_load_s"] > 0 and len(made) == 1
     assert (tmp_path / "v.mp4").stat().st_size > 0
+
+
+def test_a_vae_index_that_cannot_be_read_is_one_agreed_error_and_no_file(tmp_path):
+    # the choice of decoder (models/vae.py: decodes_without_diffusers) reads the VAE's shard index before
+    # the denoise, outside any agreement: it must not raise there, so the load reports it, agreed
+    import shutil
+
+    from lightx2v_sp.models import tiny
+    from lightx2v_sp.models.vae import decodes_without_diffusers
+    from lightx2v_sp.pipeline import AgreedError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny.ensure_tiny_model(), model)
+    vae = model / "vae"
+    os.rename(vae / "diffusion_pytorch_model.safetensors", vae / "diffusion_pytorch_model-00001-of-00001.safetensors")
+    (vae / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": ')  # cut short
+    assert decodes_without_diffusers(vae) is False
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = load_config(CONFIG, ["sample.steps=2", "parallel.ulysses_degree=1", f"model.path={model}",
+                               f"output.path={out}/v.mp4"])
+    with pytest.raises(AgreedError, match="VAE"):
+        run(cfg, torch.device("cpu"), progress=False)
+    assert os.listdir(out) == []
+
+
+def test_a_wan22_vae_imports_diffusers_piece_by_piece_during_the_denoise(tmp_path):
+    # Wan2.2's VAE layout is not vae_decoder.py's: a text-to-video run of TI2V-5B (no image) loads
+    # diffusers' AutoencoderKLWan, its import in the main thread one package per step (shadow_load.py)
+    from lightx2v_sp.pipeline.shadow_load import VAE_IMPORTS
+
+    cfg = load_config("configs/wan22_ti2v_tiny.yaml", ["parallel.ulysses_degree=1", f"output.path={tmp_path}/v.mp4"])
+    result = run(cfg, torch.device("cpu"), progress=False)
+    prefetch_summary = result.summary["prefetch"]
+    assert prefetch_summary["vae_during_denoise"] is True and result.summary["vae"]["module"] == "AutoencoderKLWan"
+    assert list(prefetch_summary["vae_imports_s"]) == list(VAE_IMPORTS)  # every piece ran, in order
+    assert prefetch_summary["vae_load_s"] > 0 and (tmp_path / "v.mp4").stat().st_size > 0

@@ -47,10 +47,10 @@ def _word_level(path):
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>").save_pretrained(path)
 
 
-def _reference(path, **sides):
-    """transformers' fast tokenizer on the file as it is (the class Wan's transformers 4.x loaded it as)."""
-    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", **sides)
+def _reference(path):
+    """transformers' fast tokenizer loading the directory (tokenizer.json as it is, the class Wan's
+    transformers 4 loaded it as), its special tokens and sides resolved by transformers from the files."""
+    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
 @pytest.mark.parametrize("kind", ["tiny", "word_level", "t5_style"])
@@ -84,17 +84,54 @@ def test_the_files_pipeline_is_kept(tmp_path):
                                                              for b in "🦊".encode()]  # after the "▁" piece
 
 
-def test_sides_and_missing_pad_token(tmp_path):
-    _t5_style(tmp_path, padding_side="left", truncation_side="left")
-    ids, mask = tokenize(load_tokenizer(tmp_path), PROMPTS, 5)
-    ref_ids, ref_mask = tokenize(_reference(tmp_path, padding_side="left", truncation_side="left"), PROMPTS, 5)
-    assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask) and mask[1].tolist() == [0, 0, 0, 0, 1]
-    bad = tmp_path / "nopad"
-    _t5_style(bad, pad_token=None)
-    with open(bad / "tokenizer_config.json") as f:
+def _edit(path, tokenizer_json=None, config=None, special_tokens_map=None, drop=()):
+    if tokenizer_json is not None:
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tokenizer_json(tok)
+        tok.save(str(path / "tokenizer.json"))
+    with open(path / "tokenizer_config.json") as f:
         cfg = json.load(f)
-    cfg.pop("pad_token")
-    with open(bad / "tokenizer_config.json", "w") as f:
+    cfg = {k: v for k, v in {**cfg, **(config or {})}.items() if k not in drop}
+    with open(path / "tokenizer_config.json", "w") as f:
         json.dump(cfg, f)
+    if special_tokens_map is not None:
+        with open(path / "special_tokens_map.json", "w") as f:
+            json.dump(special_tokens_map, f)
+
+
+PAD_DECODER = {"0": {"content": "<pad>", "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                     "single_word": False}}
+# where the pad token and the sides come from, as transformers works them out
+FILE_CASES = {
+    "sides in the config": dict(config={"padding_side": "left", "truncation_side": "left"}),
+    "sides only in tokenizer.json": dict(tokenizer_json=lambda t: (
+        t.enable_padding(direction="left", pad_id=0, pad_token="<pad>"),
+        t.enable_truncation(max_length=512, direction="left"))),
+    "pad token only in tokenizer.json": dict(tokenizer_json=lambda t: t.enable_padding(pad_id=0, pad_token="<pad>"),
+                                             drop=("pad_token",)),
+    "legacy config: the special tokens map wins": dict(config={"pad_token": "</s>"},
+                                                        special_tokens_map={"pad_token": "<pad>"}),
+    "added_tokens_decoder: the map is not read": dict(config={"pad_token": "</s>", "added_tokens_decoder": PAD_DECODER},
+                                                      special_tokens_map={"pad_token": "<pad>"}),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_pad_token_and_sides_from_the_files_as_transformers(tmp_path, case):
+    _t5_style(tmp_path)
+    _edit(tmp_path, **FILE_CASES[case])
+    ids, mask = tokenize(load_tokenizer(tmp_path), PROMPTS, 5)
+    ref_ids, ref_mask = tokenize(_reference(tmp_path), PROMPTS, 5)
+    assert torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
+    if "sides" in case:
+        assert mask[1].tolist() == [0, 0, 0, 0, 1]  # left padding took effect
+
+
+def test_missing_pad_token(tmp_path):
+    _t5_style(tmp_path)
+    _edit(tmp_path, drop=("pad_token",))
     with pytest.raises(ValueError, match="no padding token"):
-        tokenize(load_tokenizer(bad), ["a"], 4)
+        tokenize(load_tokenizer(tmp_path), ["a"], 4)
+    _edit(tmp_path, config={"pad_token": "<nope>"})
+    with pytest.raises(ValueError, match="not in its vocabulary"):
+        tokenize(load_tokenizer(tmp_path), ["a"], 4)

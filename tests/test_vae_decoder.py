@@ -103,3 +103,19 @@ def test_a_decoder_key_missing_is_an_error_naming_the_file(saved, tmp_path):
     with pytest.raises(ValueError, match=r"decoder\.conv_out\.weight"):
         load_vae(tmp_path / "vae", decode_only=True)
     assert os.path.isfile(tmp_path / "vae" / "config.json")
+
+
+@pytest.mark.parametrize("shape,dtype,config", [
+    ((1, 16, 1, 5, 7), torch.float32, {}),                         # one latent frame (one output frame), odd sizes
+    ((2, 16, 2, 4, 4), torch.float16, {}),                         # a batch of two, fp16
+    ((1, 16, 3, 4, 6), torch.float32, dict(decoder_base_dim=16, num_res_blocks=2,
+                                           temperal_downsample=[True, True, False])),
+])
+def test_decode_equals_diffusers_on_other_shapes_and_configs(tmp_path, shape, dtype, config):
+    _random_vae(**config).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    ours = load_vae(tmp_path / "vae", dtype, decode_only=True)
+    ref = load_vae(tmp_path / "vae", dtype)
+    assert isinstance(ours, WanVAEDecoder)
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z)[0], ref.decode(z, return_dict=False)[0])

@@ -250,14 +250,19 @@ def load_vae(path, dtype: torch.dtype = torch.float32, decode_only: bool = False
 
 
 def decodes_without_diffusers(path) -> bool:
-    """Whether `load_vae(path, decode_only=True)` builds vae_decoder's decoder (reads config.json only)."""
+    """Whether `load_vae(path, decode_only=True)` builds vae_decoder's decoder (reads config.json and a
+    shard index only). Never raises: a file it cannot read says False, and the load itself, whose
+    errors every rank agrees on, reports what is wrong with it."""
     from . import vae_decoder
 
     path = os.fspath(path)
-    config = vae_decoder.read_config(path)
-    if config is None:
-        return os.path.isfile(path) or os.path.isfile(os.path.join(path, OFFICIAL_VAE_FILENAME))
-    return vae_decoder.unsupported(config) is None and _decoder_files(path) is not None
+    try:
+        config = vae_decoder.read_config(path)
+        if config is None:
+            return os.path.isfile(path) or os.path.isfile(os.path.join(path, OFFICIAL_VAE_FILENAME))
+        return vae_decoder.unsupported(config) is None and _decoder_files(path) is not None
+    except Exception:  # noqa: BLE001 - a guess only; see above
+        return False
 
 
 class WanVAE:

@@ -103,8 +103,9 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
     timesteps it ran. `cache` (a pipeline.cache.StepCache, optional) decides per step and branch whether
     the DiT's blocks run; its decisions go to `stats["cache"]`. `on_step(step, num_steps)` (optional)
     runs after each step: progress and cancellation of served jobs (serve/); it may raise to stop the loop.
-    `while_queued()` (optional) runs once per step between queueing the step's work and waiting for it:
-    host work in the GPU's shadow (shadow_load.py).
+    `while_queued()` (optional) runs once per step between queueing the step's DiT forwards and the
+    sampler step (which, like the finiteness check after it, may wait for them): host work in the
+    GPU's shadow (shadow_load.py).
     """
     s = cfg.sample
     scheduler = make_scheduler(s.scheduler, s.steps, s.shift, timesteps=s.timesteps)
@@ -135,9 +136,9 @@ def denoise(model: "WanModel | Experts", latents: torch.Tensor, contexts, cfg, d
                 return dit(x, timestep, context, *extra)
 
             velocity = guided_prediction(forward, contexts.cond, contexts.uncond, scale, dims)
-            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-            if while_queued is not None:  # host work while the GPU runs the step's queued kernels
+            if while_queued is not None:  # host work while the GPU runs the step's queued forwards
                 while_queued()
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             check_latents(latents, step, num_steps)  # waits for the step
             if on_step is not None:
                 on_step(step, num_steps)

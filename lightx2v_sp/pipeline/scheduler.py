@@ -112,10 +112,15 @@ class UniPCFlow(_Stepper):
         self.warm = 0  # steps taken so far, up to the order: the multistep warm-up
         self.last_sample = None
         self.last_order = None
+        self._on_device = self.sigmas
 
     def _lambda(self, i: int, device):
-        """(alpha, sigma, log(alpha / sigma)) at schedule position i, on the sample's device."""
-        sigma = self.sigmas[i].to(device)
+        """(alpha, sigma, log(alpha / sigma)) at schedule position i, on the sample's device. The sigmas
+        go to the device once: diffusers copies each one per use, and a copy from pageable host memory
+        waits for the GPU, so its step waited for the step's kernels (the same values either way)."""
+        if self._on_device.device != device:
+            self._on_device = self.sigmas.to(device)
+        sigma = self._on_device[i]
         alpha = 1 - sigma
         return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
@@ -166,7 +171,9 @@ class UniPCFlow(_Stepper):
         else:
             rks = torch.stack(rks + [torch.ones((), device=device)])
             r = torch.stack([torch.pow(rks, p) for p in range(order)])
-            rhos = torch.linalg.solve(r, torch.stack(self._b(hh, h_phi_1, b_h, order))).to(device).to(last.dtype)
+            # solve_ex: linalg.solve's result without its error check, which reads the device's status
+            # (a wait for the GPU); R = [[1, 1], [rk, 1]] is singular only for rk = 1 (equal sigmas)
+            rhos = torch.linalg.solve_ex(r, torch.stack(self._b(hh, h_phi_1, b_h, order)))[0].to(device).to(last.dtype)
         x_t = sigma_t / sigma_s0 * last - alpha_t * h_phi_1 * m0
         res = torch.einsum("k,bkc...->bc...", rhos[:-1], torch.stack(d1s, dim=1)) if d1s else 0
         return (x_t - alpha_t * b_h * (res + rhos[-1] * (x0 - m0))).to(last.dtype)

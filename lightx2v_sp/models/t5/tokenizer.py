@@ -23,29 +23,31 @@ WAN_TOKENIZER_SUBDIR = os.path.join("google", "umt5-xxl")
 
 
 class FastTokenizer:
-    """tokenizer.json with the special tokens and sides of tokenizer_config.json / special_tokens_map.json."""
+    """tokenizer.json with its special tokens and sides worked out as transformers does: the settings of
+    tokenizer_config.json, over which special_tokens_map.json's special tokens go unless the config lists
+    `added_tokens_decoder` (the newer format, which makes the map unused); then, for what neither sets,
+    the padding and truncation that tokenizer.json itself holds."""
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer
 
         self.path = path
         self.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        settings = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
-            file = os.path.join(path, name)
-            if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
-                    settings.update({k: v for k, v in json.load(f).items() if v is not None})
-        pad = settings.get("pad_token")
+        settings = _read_json(os.path.join(path, "tokenizer_config.json"))
+        if "added_tokens_decoder" not in settings:
+            settings.update(_read_json(os.path.join(path, "special_tokens_map.json")))
+        padding, truncation = self.tokenizer.padding, self.tokenizer.truncation
+        pad = settings["pad_token"] if "pad_token" in settings else (padding or {}).get("pad_token")
         self.pad_token = pad.get("content") if isinstance(pad, dict) else pad
         self.pad_id = None if self.pad_token is None else self.tokenizer.token_to_id(self.pad_token)
-        self.padding_side = settings.get("padding_side", "right")
-        self.truncation_side = settings.get("truncation_side", "right")
+        self.padding_side = settings.get("padding_side") or (padding or {}).get("direction", "right")
+        self.truncation_side = settings.get("truncation_side") or (truncation or {}).get("direction", "right")
 
     def encode(self, texts: list[str], text_len: int) -> tuple[list[list[int]], list[list[int]]]:
         if self.pad_id is None:
-            raise ValueError(f"the tokenizer at {self.path} has no padding token (pad_token {self.pad_token!r} in its "
-                             "config), so prompts cannot be padded to text_encoder.text_len")
+            why = "no padding token" if self.pad_token is None else f"a padding token {self.pad_token!r} not in its vocabulary"
+            raise ValueError(f"the tokenizer at {self.path} has {why}, so prompts cannot be padded to "
+                             "text_encoder.text_len")
         tok = self.tokenizer
         tok.enable_truncation(max_length=text_len, stride=0, strategy="longest_first", direction=self.truncation_side)
         tok.enable_padding(length=text_len, direction=self.padding_side, pad_id=self.pad_id, pad_type_id=0,
@@ -59,6 +61,13 @@ class FastTokenizer:
         tok.no_truncation()
         tok.no_padding()
         return len(tok.encode(text, add_special_tokens=True).ids)
+
+
+def _read_json(file: str) -> dict:
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def load_tokenizer(path):
