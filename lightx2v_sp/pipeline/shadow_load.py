@@ -7,10 +7,11 @@ utilities, diffusers' quantizers and every transformer and UNet block its `vae` 
 1.6 s on a 2-core CPU). Imported in a thread during the denoise, such an import held the GIL that the
 main thread needs to queue each step's kernels and the GPU went idle (the first steps of a 1.3B 480p
 run took 2.7-3.4 s instead of 1.0 s on one H100; BENCHMARKS.md, "Time to video"). So it runs in the
-main thread itself, one package per denoising step, after the step's kernels are queued and before
-the step waits for them; then the weights are read in a thread, and `result()` joins it after the
-denoise. Pieces longer than a step still cost the difference (on the H100 host the pieces summed to
-about 4 s), which is why Wan2.1's decoder is our own.
+main thread itself, one package per denoising step, after the step's DiT forwards are queued and
+before the sampler step (which may wait for them); then the weights are read in a thread, and `result()`
+joins it after the denoise. Pieces longer than a step still cost the difference (the pieces summed to
+about 4 s on the H100 host, measured while they still ran after a waiting sampler step), which is why
+Wan2.1's decoder is our own.
 """
 from __future__ import annotations
 
