@@ -5,8 +5,8 @@ AutoencoderKLWan built on the meta device. Importing it costs seconds (diffusers
 imports every autoencoder, UNet block and transformer model diffusers ships, peft and transformers'
 models), and the plan runs in the preflight, before anything else. So they are worked out once per
 diffusers version and VAE config and kept as a small JSON file under <cache>/plan/ (cache_dir.py): a
-later preflight reads them, and a text-to-video run imports the VAE's classes while it denoises
-(pipeline/prefetch.py). A missing, unreadable or stale file is worked out again; an unwritable cache
+later preflight reads them, and a text-to-video run with Wan2.1's VAE decodes with models/vae_decoder.py
+(no diffusers at all; pipeline/shadow_load.py). A missing, unreadable or stale file is worked out again; an unwritable cache
 directory only costs the import.
 """
 from __future__ import annotations

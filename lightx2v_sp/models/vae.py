@@ -175,9 +175,9 @@ def _official_state(path: str) -> tuple[dict, dict]:
 def _load_official(path: str, dtype: torch.dtype):
     from diffusers import AutoencoderKLWan
 
-    cfg, converted = _official_state(path)
     from .vae_decoder import assign_exactly
 
+    cfg, converted = _official_state(path)
     with torch.device("meta"):
         vae = AutoencoderKLWan(**cfg)
     return assign_exactly(vae, converted, dtype, f"{path}: converted VAE keys do not match AutoencoderKLWan("
@@ -211,7 +211,7 @@ def _load_decoder_only(path: str, config: Optional[dict], dtype: torch.dtype):
     state = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(("post_quant_conv.", "decoder."))})
+            state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(vae_decoder.DECODER_PARTS)})
     cfg = {"latents_mean": WAN21_LATENTS_MEAN, "latents_std": WAN21_LATENTS_STD, **config}
     return vae_decoder.build(cfg, state, dtype, path)
 

@@ -232,17 +232,16 @@ class WanVAEDecoder(nn.Module):
         for i in range(z.shape[2]):
             cache.chunk()
             frames.append(self.decoder(x[:, :, i:i + 1], cache))
-        out = frames[0]
-        for more in frames[1:]:
-            out = torch.cat([out, more], 2)
-        return (torch.clamp(out, min=-1.0, max=1.0),)
+        # one concatenation (diffusers grows the video one chunk at a time: the same values, copied
+        # again with every chunk)
+        return (torch.clamp(torch.cat(frames, 2), min=-1.0, max=1.0),)
 
 
 # AutoencoderKLWan's defaults (Wan2.1), for keys a config.json leaves out
 DEFAULTS = dict(base_dim=96, decoder_base_dim=None, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                attn_scales=[], temperal_downsample=[False, True, True], is_residual=False, out_channels=3,
-                patch_size=None, scale_factor_temporal=4, scale_factor_spatial=8)
-_PARTS = ("post_quant_conv.", "decoder.")
+                attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0, is_residual=False,
+                out_channels=3, patch_size=None, scale_factor_temporal=4, scale_factor_spatial=8)
+DECODER_PARTS = ("post_quant_conv.", "decoder.")  # the checkpoint keys the decoder reads
 
 
 def unsupported(config: dict) -> Optional[str]:
@@ -254,7 +253,7 @@ def unsupported(config: dict) -> Optional[str]:
         return "Wan2.2's layout (residual up blocks, patchified output)"
     if cfg["attn_scales"]:
         return f"attention at scales {cfg['attn_scales']}"
-    if cfg.get("dropout", 0.0) not in (0, 0.0):
+    if cfg["dropout"]:
         return f"dropout {cfg['dropout']}"
     return None
 
@@ -270,7 +269,7 @@ def read_config(path: str) -> Optional[dict]:
 
 
 def decoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.startswith(_PARTS)}
+    return {k: v for k, v in state.items() if k.startswith(DECODER_PARTS)}
 
 
 def assign_exactly(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> nn.Module:

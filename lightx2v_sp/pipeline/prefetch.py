@@ -130,11 +130,9 @@ def import_shared_packages(vae: bool = True) -> None:
 
 
 def vae_loads_later(cfg, kind, keep: bool) -> bool:
-    """Whether the VAE loads in a thread while the video denoises rather than before: a one-job run
-    that needs it only to decode. The GPU does the denoise, while the main thread mostly waits for it
-    with the GIL released, so importing diffusers' autoencoders (seconds of Python, which slowed the
-    text stage by more than it saved when done alongside it) and reading the VAE cost no wall time
-    there. Image-to-video needs it before the denoise; a server keeps it loaded."""
+    """Whether the VAE loads while the video denoises rather than before: a one-job run that needs it
+    only to decode (pipeline/shadow_load.py: our decoder's weights read in a thread while the GPU
+    works). Image-to-video needs it before the denoise; a server keeps it loaded."""
     from .conditioning import needs_image_stage
 
     return not keep and not needs_image_stage(kind, cfg)

@@ -129,8 +129,8 @@ class UniPCFlow(_Stepper):
         _, sigma_s0, lam_s0 = self._lambda(frm, device)
         h = lam_t - lam_s0
         hh = -h
-        h_phi_1 = torch.expm1(hh)  # e^-h - 1
-        return alpha_t, sigma_t, sigma_s0, lam_s0, h, hh, h_phi_1, torch.expm1(hh)
+        h_phi_1 = torch.expm1(hh)  # e^-h - 1, which is also B(h) for bh2
+        return alpha_t, sigma_t, sigma_s0, lam_s0, h, hh, h_phi_1, h_phi_1
 
     def _b(self, hh, h_phi_1, b_h, order: int) -> list:
         out, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1
