@@ -9,7 +9,8 @@
 --part linear: y = x @ W.T + b at the projection and FFN shapes of Wan2.1-1.3B (dim 1536, ffn 8960) and
 14B (dim 5120, ffn 13824), at the tokens one rank holds at 480p (32760) and 720p (75600, 14B only),
 for: bf16 F.linear; ours (models/quant: per-token activation quantization + torch._scaled_mm with
-row-wise scales), eager and torch.compile'd; torchao's Float8DynamicActivationFloat8WeightConfig
+row-wise scales), eager and torch.compile'd (fp32 accumulation; compiled also with model.fp8_accum=fast's
+fast accumulation), and the GEMM alone both ways; torchao's Float8DynamicActivationFloat8WeightConfig
 (PerRow) when `import torchao` works, eager and compiled. Median of --iters after --warmup, CUDA
 events; speedup = bf16 time / time.
 
@@ -18,7 +19,7 @@ weights of realistic scale (normal, std 0.02, with 1% of the output rows of ever
 larger and 1% of its input columns 10x larger: outlier channels as trained models have them), built
 straight on the device. One CFG step = two forwards (cond + uncond). Rows: bf16 and fp8 (FP8 GEMM),
 both with the fastest exact attention kernel `auto` finds and compiled blocks (--no-compile: eager),
-plus fp8 weight-only (eager) for the error split. Reports seconds per CFG step, the ratio to bf16,
+plus fp8 weight-only (eager) for the error split and fp8 with the GEMM's fast accumulation (errors: eager). Reports seconds per CFG step, the ratio to bf16,
 the relative L2 error of the DiT output against the bf16 model's, and the DiT weight bytes on the GPU.
 Both models sit on the GPU at once (28 + 14 GB).
 """
@@ -93,8 +94,9 @@ def linear_part(args, device, dtype) -> None:
           f"{torch.__version__}; compute {dtype}; FP8 GEMM {'available' if fp8_ok else 'NOT available'}")
     ao_note = None
     print("\n| model | layer | tokens | K | N | bf16 ms | bf16 TFLOP/s | ours eager ms (x) | ours compiled ms (x) "
-          "| ours GEMM only ms (x) | torchao eager ms (x) | torchao compiled ms (x) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| ours compiled, fast accum ms (x) "
+          "| ours GEMM only ms (x) | GEMM only, fast accum ms (x) | torchao eager ms (x) | torchao compiled ms (x) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, layer, tokens, k, n in shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(tokens, k, device=device, dtype=dtype, generator=gen)
@@ -110,19 +112,26 @@ def linear_part(args, device, dtype) -> None:
             q = Fp8Linear.from_linear(lin)
             q.matmul = "fp8"
             cells.append(fmt(_median_ms(lambda: q(x), device, args.warmup, args.iters)))
-            if args.compile:
-                cq = torch.compile(q, dynamic=False)
-                cells.append(fmt(_median_ms(lambda: cq(x), device, args.warmup, args.iters)))
-            else:
-                cells.append("n/a")
+            for fast in (False, True):  # the layer as model.compile runs it, fp32 / fast accumulation
+                q.fast_accum = fast
+                if args.compile:
+                    cq = torch.compile(q, dynamic=False)
+                    cells.append(fmt(_median_ms(lambda: cq(x), device, args.warmup, args.iters)))
+                    torch._dynamo.reset()
+                else:
+                    cells.append("n/a")
+            q.fast_accum = False
             from lightx2v_sp.models.quant import quantize_tokens
 
             xq, xs = quantize_tokens(x)
-            gemm = _median_ms(lambda: torch._scaled_mm(xq, q.weight.t(), scale_a=xs, scale_b=q.weight_scale.view(1, -1),
-                                                       bias=q.bias, out_dtype=dtype), device, args.warmup, args.iters)
-            cells.append(fmt(gemm))
+            for fast in (False, True):
+                gemm = _median_ms(lambda: torch._scaled_mm(xq, q.weight.t(), scale_a=xs,
+                                                           scale_b=q.weight_scale.view(1, -1), bias=q.bias,
+                                                           out_dtype=dtype, use_fast_accum=fast),
+                                  device, args.warmup, args.iters)
+                cells.append(fmt(gemm))
         else:
-            cells += ["n/a"] * 3
+            cells += ["n/a"] * 5
         ao, why = _torchao_linear(lin) if device.type == "cuda" else (None, "CPU run")
         ao_note = ao_note or why
         if ao is not None:
@@ -172,6 +181,11 @@ def _weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _fast_accum(model, on: bool) -> None:
+    for _, layer in fp8_layers(model):
+        layer.fast_accum = on
+
+
 def step_part(args, device, dtype) -> None:
     if device.type == "cpu":
         cfg, latent, text = WanConfig.tiny(), (3, 8, 8), 16
@@ -216,6 +230,9 @@ def step_part(args, device, dtype) -> None:
         out_wo = cfg_step(fp8)
         for _, layer in fp8_layers(fp8):
             layer.matmul = paths[id(layer)]
+        _fast_accum(fp8, True)
+        out_fast = cfg_step(fp8)
+        _fast_accum(fp8, False)
 
     def rel(a, b):
         return max(float((p.float() - q.float()).norm() / q.float().norm()) for p, q in zip(a, b))
@@ -224,16 +241,21 @@ def step_part(args, device, dtype) -> None:
         for m in (ref, fp8):
             for block in m.blocks:
                 block.compile(dynamic=False)
-    for label, model in (("bf16", ref), ("fp8 (FP8 GEMM)", fp8)):
+    for label, model, fast in (("bf16", ref, False), ("fp8 (FP8 GEMM)", fp8, False),
+                               ("fp8 (FP8 GEMM, fast accumulation)", fp8, True)):
+        _fast_accum(fp8, fast)
         started = time.perf_counter()
         ms = _median_ms(lambda: cfg_step(model), device, args.warmup, args.iters)
         rows.append((label, ms / 1e3, _weight_bytes(model), time.perf_counter() - started))
+    _fast_accum(fp8, False)
     base = rows[0][1]
+    errors = {"bf16": "0 (reference)", "fp8 (FP8 GEMM)": f"{rel(out_fp8, out_ref):.4f}",
+              "fp8 (FP8 GEMM, fast accumulation)": f"{rel(out_fast, out_ref):.4f}"}
     print("\n| DiT | s per CFG step (2 forwards) | x bf16 | DiT weight GiB | weight bytes x bf16 | rel. L2 error vs bf16 |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, s, nbytes, _ in rows:
-        err = "0 (reference)" if label == "bf16" else f"{rel(out_fp8, out_ref):.4f}"
-        print(f"| {label} | {s:.3f} | {s / base:.3f} | {nbytes / GIB:.2f} | {nbytes / rows[0][2]:.3f} | {err} |")
+        print(f"| {label} | {s:.3f} | {s / base:.3f} | {nbytes / GIB:.2f} | {nbytes / rows[0][2]:.3f} "
+              f"| {errors[label]} |")
     print(f"| fp8 weight-only (error split, eager, not timed) | | | | | {rel(out_wo, out_ref):.4f} |")
     print(f"\nwall time of the timed rows incl. compilation: {', '.join(f'{r[0]} {r[3]:.0f} s' for r in rows)}")
     if device.type == "cuda":

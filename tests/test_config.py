@@ -119,6 +119,15 @@ def test_compile_and_block_offload_are_exclusive():
         load_config(None, ["model.compile=true", "offload.dit=block"])
 
 
+def test_fp8_accumulation_needs_fp8_weights():
+    assert load_config(None, ["model.quant=fp8", "model.fp8_accum=fast"]).model.fp8_accum == "fast"
+    assert load_config(None, []).model.fp8_accum == "exact"  # the lossier accumulator is opt-in
+    with pytest.raises(ValueError, match="model.fp8_accum = 'fast' sets how FP8 GEMMs accumulate, but model.quant"):
+        load_config(None, ["model.fp8_accum=fast"])
+    with pytest.raises(ValueError, match="is not one of"):
+        load_config(None, ["model.quant=fp8", "model.fp8_accum=bf16"])
+
+
 def test_expert_and_image_keys():
     cfg = load_config(None, ["image=frame.png", "sample.guidance_scale_2=3.0", "sample.boundary_ratio=0.9",
                              "offload.dit=swap", "image_encoder.device=swap", "model.tiny=wan2.2-i2v-a14b"])

@@ -68,6 +68,7 @@ def test_format_gives_the_dequantized_checkpoints_video(files, tmp_path, fmt):
     assert {"plain": "plain fp8", "scaled_fp8": "scaled_fp8", "comfy_quant": "ComfyUI quantized",
             "comfy_metadata": "ComfyUI quantized", "lightx2v": "LightX2V"}[fmt] in source
     assert summary["dit"][0]["matmul"] == {"weight-only (dequantized per layer to the compute dtype)": 14}
+    assert summary["dit"][0]["fp8_accum"] == {"fast": 0, "exact": 0}  # no FP8 GEMM on the CPU
 
 
 def _formats_on_ranks(rank, world, files, tmp):

@@ -65,13 +65,18 @@ def install_dit_matmul(model, cfg, device: torch.device, dtype: torch.dtype) -> 
     if cfg.model.quant is None:
         model.quant_summary = None
         return
-    counts = set_matmul(model, device, dtype)
+    fast = cfg.model.fp8_accum == "fast"
+    counts = set_matmul(model, device, dtype, fast_accum=fast)
     model.quant_summary = summary(model, getattr(model, "quant_source", None) or "quantized on load", counts)
-    log.info("DiT fp8: %d linear layers (%s); matmul %s", model.quant_summary["layers"],
-             model.quant_summary["source"], model.quant_summary["matmul"])
+    log.info("DiT fp8: %d linear layers (%s); matmul %s; FP8 GEMM accumulation %s", model.quant_summary["layers"],
+             model.quant_summary["source"], model.quant_summary["matmul"], model.quant_summary["fp8_accum"])
+    if fast and not counts.get("fp8"):
+        log.warning("model.fp8_accum=fast has no effect here: no layer runs the FP8 GEMM on %s in %s "
+                    "(weight-only path); the summary records it", device, dtype)
 
 
 def run_summary(models, cfg) -> dict:
     te = {"quant": cfg.text_encoder.quant, "matmul": "weight_only" if cfg.text_encoder.quant else None}
     return {"dit": [getattr(m, "quant_summary", None) for m in models], "text_encoder": te,
-            "note": "dit: one entry per expert (null: compute dtype); matmul: layers per path"}
+            "note": "dit: one entry per expert (null: compute dtype); matmul: layers per path; "
+                    "fp8_accum: FP8 GEMM layers per accumulation (model.fp8_accum)"}

@@ -8,7 +8,8 @@ every row's scale equal. The bias stays in the compute dtype.
 Two matmul paths (`Fp8Linear.matmul`, chosen per layer by `matmul_path`):
 - "fp8": the activation is quantized per token (one fp32 scale per row of x, amax / 448, computed on
   the fly), then `torch._scaled_mm` with row-wise scales multiplies e4m3 by e4m3 with an fp32
-  accumulator and writes bias + output in bf16. CUDA sm89+ (Ada, Hopper, Blackwell), compute dtype
+  accumulator (unless model.fp8_accum=fast: the tensor cores' own, `fast_accum`) and writes bias +
+  output in bf16. CUDA sm89+ (Ada, Hopper, Blackwell), compute dtype
   bf16, in and out features multiples of 16 (the FP8 tensor-core GEMM's alignment).
 - "weight_only": the weight is dequantized to the compute dtype for the call (one layer at a time,
   in fp32 and rounded once), then an ordinary F.linear: exactly a run of the dequantized weights.
@@ -57,8 +58,10 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] (compute dtype) @ (weight * weight_scale).T + bias, as one scaled FP8 GEMM."""
+               bias: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
+    """x [..., in] (compute dtype) @ (weight * weight_scale).T + bias, as one scaled FP8 GEMM.
+    `fast_accum`: accumulate in the tensor cores' own accumulator, without the periodic promotion to fp32
+    (model.fp8_accum=fast: faster, less exact; bench_fp8.py measures both)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:  # a rank may hold no tokens
@@ -67,7 +70,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     # [M, K] e4m3 (row-major) x [K, N] e4m3 (column-major: the weight's transpose) -> [M, N] x.dtype;
     # scale_a [M, 1] per token, scale_b [1, N] per output channel
     out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), bias=bias,
-                           out_dtype=x.dtype)
+                           out_dtype=x.dtype, use_fast_accum=fast_accum)
     return out.view(*lead, weight.shape[0])
 
 
@@ -98,6 +101,7 @@ class Fp8Linear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
         self.matmul = "weight_only"
+        self.fast_accum = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
@@ -112,7 +116,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.matmul == "fp8":
-            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.fast_accum)
         return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
 
     @torch.no_grad()

@@ -42,11 +42,14 @@ def fp8_layers(model: nn.Module) -> list[tuple[str, Fp8Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
 
 
-def set_matmul(model: nn.Module, device: torch.device, dtype: torch.dtype, allow_fp8: bool = True) -> dict:
-    """Pick each Fp8Linear's path for running on `device` in `dtype`; {path: number of layers}."""
+def set_matmul(model: nn.Module, device: torch.device, dtype: torch.dtype, allow_fp8: bool = True,
+               fast_accum: bool = False) -> dict:
+    """Pick each Fp8Linear's path for running on `device` in `dtype`; {path: number of layers}.
+    `fast_accum`: the FP8 GEMM layers accumulate without fp32 promotion (model.fp8_accum=fast)."""
     counts: dict[str, int] = {}
     for _, layer in fp8_layers(model):
         layer.matmul = matmul_path(layer, torch.device(device), dtype, allow_fp8)
+        layer.fast_accum = fast_accum and layer.matmul == "fp8"
         counts[layer.matmul] = counts.get(layer.matmul, 0) + 1
     return counts
 
@@ -68,8 +71,10 @@ def summary(model: nn.Module, source: str, counts: dict) -> dict:
     """What the run's summary records about one quantized model."""
     paths = {"fp8": "fp8 GEMM (torch._scaled_mm, per-token activation scales)",
              "weight_only": "weight-only (dequantized per layer to the compute dtype)"}
+    fast = sum(1 for _, layer in fp8_layers(model) if layer.fast_accum)
     return {"quant": "fp8", "source": source, "layers": sum(counts.values()),
-            "matmul": {paths[k]: v for k, v in sorted(counts.items())}, "weight_bytes": weight_bytes(model)}
+            "matmul": {paths[k]: v for k, v in sorted(counts.items())},
+            "fp8_accum": {"fast": fast, "exact": counts.get("fp8", 0) - fast}, "weight_bytes": weight_bytes(model)}
 
 
 def bytes_per_param(linears: Iterable[tuple[int, int]], total_numel: int, dtype_bytes: int,
