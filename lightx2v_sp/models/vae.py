@@ -196,6 +196,14 @@ def _decoder_files(path: str) -> Optional[list[str]]:
     return None
 
 
+def _our_decoder_files(path: str, config: dict) -> Optional[list[str]]:
+    """The files vae_decoder.py reads for a diffusers VAE directory; None where it does not reproduce this
+    VAE (not Wan2.1's layout, or weights in .bin only): the one rule of the load and of the guess before it."""
+    from . import vae_decoder
+
+    return None if vae_decoder.unsupported(config) is not None else _decoder_files(path)
+
+
 def _load_decoder_only(path: str, config: Optional[dict], dtype: torch.dtype):
     """vae_decoder.WanVAEDecoder (no diffusers) where the VAE has Wan2.1's layout; None where not."""
     from safetensors import safe_open
@@ -205,8 +213,8 @@ def _load_decoder_only(path: str, config: Optional[dict], dtype: torch.dtype):
     if config is None:  # the official file: Wan2.1's VAE, its config read off the shapes
         cfg, converted = _official_state(path)
         return vae_decoder.build(cfg, converted, dtype, path)
-    files = _decoder_files(path)
-    if vae_decoder.unsupported(config) is not None or files is None:
+    files = _our_decoder_files(path, config)
+    if files is None:
         return None
     state = {}
     for file in files:
@@ -260,7 +268,7 @@ def decodes_without_diffusers(path) -> bool:
         config = vae_decoder.read_config(path)
         if config is None:
             return os.path.isfile(path) or os.path.isfile(os.path.join(path, OFFICIAL_VAE_FILENAME))
-        return vae_decoder.unsupported(config) is None and _decoder_files(path) is not None
+        return _our_decoder_files(path, config) is not None
     except Exception:  # noqa: BLE001 - a guess only; see above
         return False
 
